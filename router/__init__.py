@@ -1,0 +1,1 @@
+"""KV-aware routing: block hashing, KV events, prefix index. No Triton imports."""
