@@ -89,9 +89,10 @@ class PagedAttention:
 
     def _prefill(self, q, k_cache, v_cache, chunk: PrefillSlice) -> torch.Tensor:
         num_keys = chunk.num_context_tokens + chunk.num_query_tokens
-        keys = self._gather(k_cache, chunk.block_ids)[:num_keys].transpose(0, 1)  # (KVH, S, D)
-        values = self._gather(v_cache, chunk.block_ids)[:num_keys].transpose(0, 1)
-        query = q.transpose(0, 1)  # (H, Q, D)
+        # 4-D inputs: CPU SDPA takes its fused kernel only for (B, H, S, D).
+        keys = self._gather(k_cache, chunk.block_ids)[:num_keys].transpose(0, 1).unsqueeze(0)  # (1, KVH, S, D)
+        values = self._gather(v_cache, chunk.block_ids)[:num_keys].transpose(0, 1).unsqueeze(0)
+        query = q.transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
         if chunk.num_context_tokens == 0:
             out = F.scaled_dot_product_attention(
                 query, keys, values, is_causal=True, scale=self.scale, enable_gqa=self._is_gqa
@@ -104,7 +105,7 @@ class PagedAttention:
             out = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self._is_gqa
             )
-        return out.transpose(0, 1)  # (Q, H, D)
+        return out[0].transpose(0, 1)  # (Q, H, D)
 
     @property
     def _is_gqa(self) -> bool:
