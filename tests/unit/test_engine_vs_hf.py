@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from python_backends.engine.llm_engine import LLMEngine  # noqa: E402
 from python_backends.engine.params import SamplingParams  # noqa: E402
 
 NUM_NEW_TOKENS = 32
+#: The engine runs here; the reference always runs on the CPU. Set to "cuda" to check the GPU path.
+DEVICE = os.environ.get("TRITON_DISAGG_TEST_DEVICE", "cpu")
 COMMON = dict(
     vocab_size=300,
     hidden_size=64,
@@ -47,7 +51,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def make_engine(path, **overrides) -> LLMEngine:
-    return LLMEngine(EngineConfig(model_path=str(path), device="cpu", dtype="float32", num_blocks=128, **overrides))
+    return LLMEngine(EngineConfig(model_path=str(path), device=DEVICE, dtype="float32", num_blocks=128, **overrides))
 
 
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
@@ -75,7 +79,7 @@ def test_prefill_logits_match(checkpoint):
     logits = engine.runner.execute(engine.scheduler.schedule())
     with torch.no_grad():
         expected = model(torch.tensor([prompt])).logits[0, -1]
-    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_single_prompt_greedy_matches(checkpoint):
