@@ -111,6 +111,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     #: Seeds the sampler of requests that carry no seed of their own.
     seed: int = 0
+    #: Prefill side: how long a finished prompt's blocks wait for the decode worker to pull them.
+    kv_hold_timeout_s: float = 30.0
+    #: Decode side: how long a KV pull may take before the prompt is recomputed locally.
+    kv_pull_timeout_s: float = 30.0
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -11,12 +11,15 @@ import torch
 
 from python_backends.engine.block_manager import BlockManager
 from python_backends.engine.config import EngineConfig, ModelConfig
+from python_backends.engine.kv_connector import KVConnector, RemoteKV
+from python_backends.engine.kv_handoff import KVHandoff
 from python_backends.engine.loader import load_model
 from python_backends.engine.model_runner import ModelRunner, kv_bytes_per_block
 from python_backends.engine.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 from python_backends.engine.sampler import sample
 from python_backends.engine.scheduler import Scheduler
-from python_backends.engine.sequence import Sequence
+from python_backends.engine.sequence import Sequence, SequenceStatus
+from python_backends.kv_transfer.handle import InvalidKVHandle
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,7 +41,8 @@ class EngineStats:
 class LLMEngine:
     """Runs requests on one model and one KV pool. Not thread-safe: see `EngineThread`."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, kv_connector_factory=None):
+        """`kv_connector_factory(kv_pool) -> KVConnector` enables KV holds and pulls (disaggregation)."""
         config.validate()
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model_path)
@@ -54,6 +58,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.device, self.dtype)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        connector: KVConnector | None = kv_connector_factory(self.runner.kv_pool) if kv_connector_factory else None
+        self.kv_connector = connector
+        self.handoff = KVHandoff(self.block_manager, connector, config.kv_hold_timeout_s, config.kv_pull_timeout_s)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._rng = random.Random(config.seed)
@@ -94,36 +101,63 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         extra_keys: tuple[object, ...] = (),
+        hold_kv: bool = False,
+        remote_kv: RemoteKV | None = None,
     ) -> None:
-        """Queue a request. `extra_keys` (LoRA id, salt) separate its prefix cache from others'."""
-        if request_id in self._seqs:
+        """Queue a request.
+
+        `extra_keys` (LoRA id, salt) separate its prefix cache from others'.
+        `hold_kv` keeps its blocks after it finishes, for a decode worker to pull
+        (the final output lists them). `remote_kv` says the prompt was prefilled
+        elsewhere: its KV is pulled instead of computed, and decoding starts
+        after the prefill's first token.
+        """
+        if request_id in self._seqs or self.handoff.owns(request_id):
             raise InvalidRequest(f"request id {request_id!r} is already running")
         self.validate_request(prompt_token_ids, params)
+        if remote_kv is not None:
+            self._validate_remote_kv(prompt_token_ids, params, remote_kv)
         generator = None
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
         seq = Sequence(request_id, prompt_token_ids, params, self.block_size, extra_keys, generator)
+        seq.hold_kv = hold_kv
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        if remote_kv is None:
+            self.scheduler.add(seq)
+        else:
+            self.handoff.enqueue_pull(seq, remote_kv)
+
+    def release_kv(self, hold_id: str) -> bool:
+        """Free the blocks held for `hold_id` (the decode worker has pulled them)."""
+        return self.handoff.release(hold_id)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its ABORT output comes with the next `step()`."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
-            return False
-        self.scheduler.remove(seq)
+            return self.handoff.abort_hold(request_id)
+        if not self.handoff.abort(seq):
+            self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
         self._aborted.append(self._output(seq, [], FinishReason.ABORT))
         return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._seqs) or bool(self._aborted)
 
+    def needs_polling(self) -> bool:
+        """Whether `step()` has work even with no request running (KV holds and pulls)."""
+        return self.handoff.needs_polling
+
     # -- stepping ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the tokens it produced and the requests that ended."""
         outputs, self._aborted = self._aborted, []
+        for seq in self.handoff.advance():
+            self.scheduler.add_ready(seq)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
@@ -137,10 +171,17 @@ class LLMEngine:
             seq = entry.seq
             seq.append_token(token)
             reason = self._finish_reason(seq, token)
-            outputs.append(self._output(seq, [token], reason))
+            output = self._output(seq, [token], reason)
             if reason is not None:
-                self.scheduler.remove(seq)
                 del self._seqs[seq.request_id]
+                if seq.hold_kv:
+                    output.held_block_ids = tuple(seq.block_ids)
+                    output.held_block_hashes = tuple(seq.hashes_up_to(seq.num_prompt_tokens // self.block_size))
+                    self.scheduler.detach(seq)
+                    self.handoff.hold(seq)
+                else:
+                    self.scheduler.remove(seq)
+            outputs.append(output)
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -166,6 +207,17 @@ class LLMEngine:
         )
 
     # -- internals -----------------------------------------------------------------
+
+    def _validate_remote_kv(self, prompt_token_ids: list[int], params: SamplingParams, remote_kv: RemoteKV) -> None:
+        handle = remote_kv.handle
+        if handle.block_size != self.block_size:
+            raise InvalidKVHandle(f"kv_handle block size {handle.block_size} differs from this worker's {self.block_size}")
+        if handle.num_tokens != len(prompt_token_ids):
+            raise InvalidKVHandle(f"kv_handle covers {handle.num_tokens} tokens but the prompt has {len(prompt_token_ids)}")
+        if not 0 <= remote_kv.first_token_id < self.model_config.vocab_size:
+            raise InvalidRequest(f"first token id {remote_kv.first_token_id} is outside the vocabulary")
+        if params.max_tokens < 2:
+            raise InvalidRequest("a request prefilled elsewhere must leave max_tokens >= 2 for decoding")
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

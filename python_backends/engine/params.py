@@ -65,6 +65,10 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    #: For a request whose KV is held for a decode worker: the blocks holding it and
+    #: the hashes of its full blocks (set on the final output only).
+    held_block_ids: tuple[int, ...] = ()
+    held_block_hashes: tuple[int, ...] = ()
 
     @property
     def finished(self) -> bool:

@@ -59,6 +59,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_ready(self, seq: Sequence) -> None:
+        """Queue a sequence that already holds its blocks (pulled KV, or a fallback) ahead of new prompts."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a finished `seq` out of the queues but leave its blocks allocated (a KV hold)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out of the queues and free its blocks (finish or abort)."""
         if seq.status == SequenceStatus.RUNNING:

@@ -14,6 +14,7 @@ from router.hashing import BlockHash, hash_block_tokens
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PULLING_KV = "pulling_kv"  # blocks allocated, prompt KV arriving from a prefill worker
     FINISHED = "finished"
 
 
@@ -48,6 +49,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
         self.block_hashes: list[BlockHash] = []
+        self.hold_kv = False  # keep the blocks after finishing, for a decode worker to pull
         self.arrival_s = time.monotonic()
 
     @property

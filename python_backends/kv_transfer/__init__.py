@@ -1,0 +1,1 @@
+"""The KV plane: pool layouts, KV handles, and NIXL transfers between workers."""
