@@ -1,0 +1,42 @@
+"""Small helpers between Triton's Python-backend objects and numpy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backends.engine.params import InvalidRequest
+
+
+def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
+    """The request's input arrays by name; None for an optional input the client left out."""
+    inputs = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        inputs[name] = None if tensor is None else tensor.as_numpy()
+    return inputs
+
+
+def read_output(response, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def bytes_tensor(name: str, text: str) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def int32_tensor(name: str, values: int | Iterable[int]) -> "pb_utils.Tensor":
+    array = np.array([values] if isinstance(values, int) else list(values), dtype=np.int32)
+    return pb_utils.Tensor(name, array)
+
+
+def error_response(error: Exception) -> "pb_utils.InferenceResponse":
+    """A response carrying `error`: INVALID_ARG for a bad request, INTERNAL otherwise."""
+    if isinstance(error, pb_utils.TritonError):
+        return pb_utils.InferenceResponse(error=error)
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(error, InvalidRequest) else pb_utils.TritonError.INTERNAL
+    message = str(error) if isinstance(error, InvalidRequest) else f"{type(error).__name__}: {error}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

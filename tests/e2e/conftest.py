@@ -1,0 +1,121 @@
+"""One real Triton server for the whole end-to-end session, on the default model and free ports."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+from python_backends.checkpoint import make_model
+from tools.launcher import ServerConfig, TritonServer
+
+#: Small enough that a leak shows, large enough for 16 concurrent requests.
+NUM_BLOCKS = 256
+#: Threads share one Client, so no connection is kept between calls (nor left open at shutdown).
+CLOSE_CONNECTION = {"Connection": "close"}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[TritonServer]:
+    model_path = make_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    config = ServerConfig(
+        model_path=model_path,
+        run_dir=tmp_path_factory.mktemp("run"),
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        num_blocks=NUM_BLOCKS,
+        exit_timeout_s=2,
+    )
+    with TritonServer(config) as running:
+        yield running
+
+
+class Client:
+    """The `llm` model through HTTP generate and gRPC streaming, and the worker's KV gauges."""
+
+    def __init__(self, server: TritonServer) -> None:
+        self.server = server
+
+    def post_generate(self, **body) -> requests.Response:
+        url = f"{self.server.http_url}/v2/models/llm/generate"
+        return requests.post(url, json=body, headers=CLOSE_CONNECTION, timeout=60)
+
+    def generate(self, **body) -> dict:
+        response = self.post_generate(**body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def generate_stream(self, **body) -> list[dict]:
+        """Every event of a streamed request, in order."""
+        url = f"{self.server.http_url}/v2/models/llm/generate_stream"
+        with requests.post(
+            url, json={"stream": True, **body}, headers=CLOSE_CONNECTION, stream=True, timeout=60
+        ) as response:
+            assert response.status_code == 200, response.text
+            return [json.loads(line[len(b"data: ") :]) for line in response.iter_lines() if line.startswith(b"data: ")]
+
+    def grpc_stream(self, inputs: dict[str, np.ndarray], *, cancel_after: int | None = None) -> list:
+        """Send one request over a gRPC stream; return its responses (InferResult, or the error that ended it).
+
+        With `cancel_after`, cancel the request after that many responses.
+        """
+        received: queue.Queue = queue.Queue()
+        grpc = grpcclient.InferenceServerClient(self.server.grpc_url)
+        grpc.start_stream(callback=lambda result, error: received.put(error or result))
+        tensors = []
+        for name, array in inputs.items():
+            tensors.append(grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+            tensors[-1].set_data_from_numpy(array)
+        responses = []
+        try:
+            grpc.async_stream_infer("llm", tensors, enable_empty_final_response=True)
+            while cancel_after is None or len(responses) < cancel_after:
+                responses.append(received.get(timeout=30))
+                if not isinstance(responses[-1], grpcclient.InferResult) or _is_final(responses[-1]):
+                    break
+        finally:
+            grpc.stop_stream(cancel_requests=cancel_after is not None)
+            grpc.close()
+        return responses
+
+    def free_blocks(self) -> int:
+        return self._gauge("triton_disagg_kv_free_blocks")
+
+    def total_blocks(self) -> int:
+        return self._gauge("triton_disagg_kv_blocks")
+
+    def _gauge(self, name: str) -> int:
+        metrics = requests.get(self.server.metrics_url, headers=CLOSE_CONNECTION, timeout=10).text
+        match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.MULTILINE)
+        assert match, f"{name} is missing from the metrics"
+        return int(float(match.group(1)))
+
+
+@pytest.fixture
+def client(server) -> Client:
+    return Client(server)
+
+
+def _is_final(result: grpcclient.InferResult) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

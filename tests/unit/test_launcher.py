@@ -1,0 +1,100 @@
+"""Rendering the model repository and preparing the backend directory (no server started)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from python_backends.serving.settings import engine_config, llm_settings, model_parameters
+from tools.launcher import (
+    ServerConfig,
+    find_tritonserver,
+    prepare_backend_directory,
+    render_model_repository,
+    set_instance_count,
+    set_parameter,
+)
+
+PBTXT = """\
+instance_group [ { count: 2 kind: KIND_CPU } ]
+parameters: { key: "model_path" value: { string_value: "" } }
+parameters: { key: "block_size" value: { string_value: "16" } }
+"""
+
+
+def fake_checkpoint(path: Path, max_position_embeddings: int = 4096) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(f'{{"max_position_embeddings": {max_position_embeddings}}}')
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_set_parameter_replaces_only_its_key():
+    rendered = set_parameter(PBTXT, "block_size", "32")
+    assert 'key: "block_size" value: { string_value: "32" }' in rendered
+    assert 'key: "model_path" value: { string_value: "" }' in rendered
+
+
+def test_set_parameter_escapes_quotes():
+    assert r'string_value: "/a \"b\""' in set_parameter(PBTXT, "model_path", '/a "b"')
+
+
+def test_set_parameter_missing_key():
+    with pytest.raises(ValueError, match="'num_blocks' 0 times"):
+        set_parameter(PBTXT, "num_blocks", "8")
+
+
+def test_set_instance_count():
+    assert "count: 5 kind: KIND_CPU" in set_instance_count(PBTXT, 5)
+
+
+def test_render_model_repository(tmp_path):
+    model = fake_checkpoint(tmp_path / "model")
+    config = ServerConfig(model_path=model, run_dir=tmp_path, block_size=8, num_blocks=64, llm_instances=3)
+    repository = render_model_repository(config, tmp_path / "repo")
+    assert sorted(p.name for p in repository.iterdir()) == ["llm", "worker"]
+    assert (repository / "llm" / "1" / "model.py").is_file()
+    worker = (repository / "worker" / "config.pbtxt").read_text()
+    llm = (repository / "llm" / "config.pbtxt").read_text()
+    assert f'key: "model_path" value: {{ string_value: "{model}" }}' in worker
+    assert 'key: "num_blocks" value: { string_value: "64" }' in worker
+    assert "count: 3 kind: KIND_CPU" in llm
+    assert "count: 1 kind: KIND_CPU" in worker
+
+
+def test_rendered_parameters_parse_into_settings(tmp_path):
+    """The parameters the launcher writes are the ones the models read."""
+    model = fake_checkpoint(tmp_path / "model", max_position_embeddings=1024)
+    config = ServerConfig(model_path=model, run_dir=tmp_path, block_size=8, num_blocks=64, max_num_batched_tokens=128)
+    repository = render_model_repository(config, tmp_path / "repo")
+    worker_parameters = _parameters_of(repository / "worker" / "config.pbtxt")
+    llm_parameters = _parameters_of(repository / "llm" / "config.pbtxt")
+    engine = engine_config(worker_parameters)
+    assert (engine.block_size, engine.num_blocks, engine.max_num_batched_tokens) == (8, 64, 128)
+    assert engine.max_model_len is None
+    llm = llm_settings(llm_parameters)
+    assert (llm.model_path, llm.worker_model_name, llm.max_model_len) == (model, "worker", 1024)
+
+
+def test_bad_parameter_is_named(tmp_path):
+    model = fake_checkpoint(tmp_path / "model")
+    with pytest.raises(ValueError, match="parameter block_size must be an integer"):
+        engine_config({"model_path": str(model), "block_size": "sixteen"})
+
+
+def test_backend_directory_holds_the_python_backend(tmp_path):
+    backend_dir = prepare_backend_directory(find_tritonserver(), tmp_path / "backends")
+    names = sorted(p.name for p in (backend_dir / "python").iterdir())
+    assert names == ["libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
+
+
+def test_config_rejects_clashing_ports(tmp_path):
+    config = ServerConfig(model_path=fake_checkpoint(tmp_path / "m"), http_port=9000, grpc_port=9000)
+    with pytest.raises(ValueError, match="must differ"):
+        config.validate()
+
+
+def _parameters_of(pbtxt_path: Path) -> dict[str, str]:
+    """Parse the `parameters` entries of a config.pbtxt (the format Triton hands `initialize`)."""
+    found = re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"', pbtxt_path.read_text())
+    return model_parameters({"parameters": {key: {"string_value": value} for key, value in found}})

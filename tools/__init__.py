@@ -1,0 +1,1 @@
+"""Command-line tools: the `triton-disagg` CLI, the Triton server launcher, benchmarks."""

@@ -1,0 +1,174 @@
+"""`triton-disagg`: serve a model with Triton Inference Server, or make the default model.
+
+Every flag can also be set through an environment variable, named in --help
+(TRITON_DISAGG_<FLAG>); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from python_backends.serving.settings import DEFAULT_MODEL_PATH
+from tools.launcher import DEFAULT_RUN_DIR, ServerConfig, ServerError, TritonServer
+
+ENV_PREFIX = "TRITON_DISAGG_"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ServerError, ValueError) as e:
+        print(f"triton-disagg: error: {e}", file=sys.stderr)
+        return 1
+
+
+def serve(args: argparse.Namespace) -> int:
+    model_path = args.model or _default_model()
+    config = ServerConfig(
+        model_path=Path(model_path),
+        run_dir=Path(args.run_dir),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        llm_instances=args.llm_instances,
+        tritonserver=Path(args.tritonserver) if args.tritonserver else None,
+    )
+    server = TritonServer(config)
+    # SIGTERM (docker stop, kill) stops the server the way Ctrl-C does. SIGINT is set too:
+    # a shell without job control starts background commands with it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_keyboard_interrupt)
+    try:
+        server.start()
+        print(f"starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
+        server.wait_ready(args.ready_timeout_s)
+        _print_endpoints(server)
+        code = server.wait()
+        print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")
+        return code or 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def make_model(args: argparse.Namespace) -> int:
+    from python_backends.checkpoint import make_model as write_checkpoint
+
+    print(write_checkpoint(Path(args.path), args.variant))
+    return 0
+
+
+def _default_model() -> Path:
+    if not (DEFAULT_MODEL_PATH / "config.json").is_file():
+        from python_backends.checkpoint import make_model as write_checkpoint
+
+        print(f"creating the default model in {DEFAULT_MODEL_PATH}", flush=True)
+        write_checkpoint(DEFAULT_MODEL_PATH)
+    return DEFAULT_MODEL_PATH
+
+
+def _print_endpoints(server: TritonServer) -> None:
+    print(
+        f"""ready: model {server.config.model_path}
+  HTTP     {server.http_url}
+  gRPC     {server.grpc_url}
+  metrics  {server.metrics_url}
+try:
+  curl -N {server.http_url}/v2/models/llm/generate_stream \\
+    -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
+Ctrl-C stops the server.""",
+        flush=True,
+    )
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triton-disagg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser("serve", help="start Triton with the llm and worker models")
+    serve_parser.set_defaults(run=serve)
+    flag = _EnvFlags(serve_parser)
+    flag(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help=f"Hugging Face checkpoint directory (default: {DEFAULT_MODEL_PATH}, created when missing)",
+    )
+    flag("--http-port", type=int, default=8000, help="HTTP port (KServe v2 + generate)")
+    flag("--grpc-port", type=int, default=8001, help="gRPC port")
+    flag("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    flag("--block-size", type=int, default=16, help="tokens per KV block")
+    flag(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="KV blocks per worker (default: sized from the engine's KV memory budget)",
+    )
+    flag("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    flag(
+        "--max-model-len", type=int, default=None, help="context window (default: the model's max_position_embeddings)"
+    )
+    flag("--llm-instances", type=int, default=2, help="instances of the llm entry model")
+    flag(
+        "--run-dir",
+        metavar="DIR",
+        default=str(DEFAULT_RUN_DIR),
+        help="where the model repository and server log are written",
+    )
+    flag(
+        "--tritonserver",
+        metavar="PATH",
+        default=None,
+        help="tritonserver binary (default: PATH, then the nvidia-pytriton wheel)",
+    )
+    flag("--ready-timeout-s", type=float, default=300.0, help="seconds to wait for the models to load")
+
+    model_parser = commands.add_parser(
+        "make-model", help="write the tiny default checkpoint (random weights, byte-level tokenizer)"
+    )
+    model_parser.set_defaults(run=make_model)
+    model_parser.add_argument("path", metavar="PATH", help="directory to write the checkpoint to")
+    model_parser.add_argument(
+        "--variant", choices=["dense", "moe"], default="dense", help="architecture (default: dense)"
+    )
+    return parser
+
+
+class _EnvFlags:
+    """Adds flags whose default comes from TRITON_DISAGG_<FLAG> when that is set."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._parser = parser
+
+    def __call__(self, flag: str, *, type=str, default=None, help: str, **kwargs) -> None:
+        env_name = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        raw = os.environ.get(env_name)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except ValueError:
+                raise SystemExit(f"triton-disagg: error: {env_name}={raw!r} is not a valid {type.__name__}") from None
+        shown = "" if default is None or "default:" in help else f", default: {default}"
+        self._parser.add_argument(flag, type=type, default=default, help=f"{help} [env {env_name}{shown}]", **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Start a Triton Inference Server on this project's model repository.
+
+`TritonServer` finds a `tritonserver` binary (on PATH, else the one inside the
+`nvidia-pytriton` wheel), prepares a Python-backend directory, renders the
+model repository for one model checkpoint into a run directory, starts the
+server and waits until the models are ready. The CLI, the end-to-end tests
+and the benchmarks all start servers through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from python_backends.serving.settings import DEFAULT_MODEL_PATH
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_TEMPLATES = PROJECT_ROOT / "model_repository"
+DEFAULT_RUN_DIR = Path.home() / ".cache" / "triton-disagg" / "run"
+
+#: The models every server loads.
+MODELS = ("worker", "llm")
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, started, or did not become ready."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """One Triton server serving one model checkpoint. Defaults run on a laptop CPU."""
+
+    #: Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    model_path: Path = DEFAULT_MODEL_PATH
+    #: Where the rendered model repository, backend directory and server log go.
+    run_dir: Path = DEFAULT_RUN_DIR
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    #: Tokens per KV block of each worker engine.
+    block_size: int = 16
+    #: KV blocks per worker engine; None sizes the pool from the engine's memory budget.
+    num_blocks: int | None = None
+    #: Token budget of one engine step.
+    max_num_batched_tokens: int = 512
+    #: Context window; None takes the model's max_position_embeddings.
+    max_model_len: int | None = None
+    #: Instances of the `llm` entry model (each relays its requests' streams on its own threads).
+    llm_instances: int = 2
+    #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
+    tritonserver: Path | None = None
+    #: Seconds the server waits for in-flight requests and open connections when stopped.
+    exit_timeout_s: int = 10
+    #: Extra `tritonserver` arguments, appended last.
+    extra_args: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not (Path(self.model_path) / "config.json").is_file():
+            raise ValueError(
+                f"model_path {self.model_path!s} has no config.json; pass a Hugging Face checkpoint directory "
+                "or create one with `triton-disagg make-model PATH`"
+            )
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 < port < 65536:
+                raise ValueError(f"{name} must be in 1..65535, got {port}")
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise ValueError("http_port, grpc_port and metrics_port must differ")
+        if self.llm_instances < 1:
+            raise ValueError(f"llm_instances must be >= 1, got {self.llm_instances}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(slots=True, frozen=True)
+class TritonInstallation:
+    """A tritonserver binary, its Python backend, and the libraries it needs."""
+
+    binary: Path
+    #: Folder holding `libtriton_python.so` and `triton_python_backend_utils.py`.
+    python_backend_dir: Path
+    #: The Python backend stub built for the running Python version.
+    python_stub: Path
+    library_dirs: tuple[Path, ...] = ()
+
+
+def find_tritonserver(binary: Path | None = None) -> TritonInstallation:
+    """Locate tritonserver: `binary`, else PATH, else the nvidia-pytriton wheel. Raises ServerError.
+
+    A binary outside the wheel is used with the Python backend installed next to
+    it (`<prefix>/backends/python/`, as in Triton's containers).
+    """
+    candidates = [Path(binary)] if binary else [Path(p) for p in filter(None, [shutil.which("tritonserver")])]
+    for candidate in candidates:
+        backend = candidate.resolve().parents[1] / "backends" / "python"
+        if (backend / "libtriton_python.so").is_file() and (backend / "triton_python_backend_stub").is_file():
+            return TritonInstallation(candidate, backend, backend / "triton_python_backend_stub")
+    if binary:
+        raise ServerError(f"{binary} has no Python backend next to it (expected {backend})")
+    wheel = _pytriton_wheel_dir()
+    if wheel is None:
+        raise ServerError(
+            "no tritonserver found: none on PATH and the nvidia-pytriton wheel is not installed; "
+            "run `pip install nvidia-pytriton` or put tritonserver on PATH"
+        )
+    server_dir = wheel / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} (looked for {stub})")
+    return TritonInstallation(
+        binary=server_dir / "bin" / "tritonserver",
+        python_backend_dir=server_dir / "backends" / "python",
+        python_stub=stub,
+        library_dirs=(wheel.parent / "nvidia_pytriton.libs",),
+    )
+
+
+def prepare_backend_directory(installation: TritonInstallation, backend_dir: Path) -> Path:
+    """Fill `backend_dir/python/` with the Python backend and the stub; return `backend_dir`."""
+    python_dir = backend_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (
+        installation.python_backend_dir / "libtriton_python.so",
+        installation.python_backend_dir / "triton_python_backend_utils.py",
+        installation.python_stub,
+    ):
+        shutil.copy2(source, python_dir / source.name)
+    return backend_dir
+
+
+def set_parameter(pbtxt: str, key: str, value: str) -> str:
+    """Set the string value of `parameters { key: KEY ... }` in a config.pbtxt. Raises ValueError if absent."""
+    pattern = re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
+    rendered, count = pattern.subn(lambda m: m.group(1) + json.dumps(value, ensure_ascii=False), pbtxt)
+    if count != 1:
+        raise ValueError(f"config.pbtxt declares parameter {key!r} {count} times; expected exactly once")
+    return rendered
+
+
+def set_instance_count(pbtxt: str, count: int) -> str:
+    """Set `count` of the (single) instance_group of a config.pbtxt. Raises ValueError if absent."""
+    rendered, num_found = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", rf"\g<1>{count}", pbtxt)
+    if num_found != 1:
+        raise ValueError("config.pbtxt has no single instance_group with a count")
+    return rendered
+
+
+def render_model_repository(config: ServerConfig, dest: Path, templates: Path = MODEL_TEMPLATES) -> Path:
+    """Copy the model templates into `dest` with their parameters filled from `config`; return `dest`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(templates, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    model_path = str(Path(config.model_path).resolve())
+    max_model_len = "" if config.max_model_len is None else str(config.max_model_len)
+    parameters = {
+        "worker": {
+            "model_path": model_path,
+            "block_size": str(config.block_size),
+            "num_blocks": "" if config.num_blocks is None else str(config.num_blocks),
+            "max_num_batched_tokens": str(config.max_num_batched_tokens),
+            "max_model_len": max_model_len,
+        },
+        "llm": {"model_path": model_path, "worker_model_name": "worker", "max_model_len": max_model_len},
+    }
+    for model, values in parameters.items():
+        path = dest / model / "config.pbtxt"
+        pbtxt = path.read_text()
+        for key, value in values.items():
+            pbtxt = set_parameter(pbtxt, key, value)
+        if model == "llm":
+            pbtxt = set_instance_count(pbtxt, config.llm_instances)
+        path.write_text(pbtxt)
+    return dest
+
+
+class TritonServer:
+    """A tritonserver process serving the rendered model repository.
+
+    Use as a context manager, or call `start()`, `wait_ready()` and `stop()`.
+    The server runs in its own process group so a Ctrl-C at the terminal
+    reaches this process only, which then stops the server in order.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.log_path = self.run_dir / "tritonserver.log"
+        self._process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.config.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.config.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Prepare the run directory and spawn tritonserver; returns without waiting for readiness."""
+        if self._process is not None:
+            raise ServerError("server already started")
+        installation = find_tritonserver(self.config.tritonserver)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        backend_dir = prepare_backend_directory(installation, self.run_dir / "backends")
+        repository = render_model_repository(self.config, self.run_dir / "model_repository")
+        command = [
+            str(installation.binary),
+            f"--model-repository={repository}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={model}" for model in MODELS),
+            f"--backend-directory={backend_dir}",
+            f"--http-port={self.config.http_port}",
+            f"--grpc-port={self.config.grpc_port}",
+            f"--metrics-port={self.config.metrics_port}",
+            "--allow-metrics=true",
+            f"--exit-timeout-secs={self.config.exit_timeout_s}",
+            *self.config.extra_args,
+        ]
+        self._log_file = open(self.log_path, "wb")
+        self._process = subprocess.Popen(
+            command,
+            env=_server_environment(installation),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Block until the server and every model report ready. Raises ServerError on exit or timeout."""
+        if self._process is None:
+            raise ServerError("server not started; call start() first")
+        deadline = time.monotonic() + timeout_s
+        urls = [f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in MODELS]
+        while True:
+            if self._process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self._process.returncode} before it was ready; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            if all(_is_ok(url) for url in urls):
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"tritonserver was not ready after {timeout_s:.0f} s; last lines of {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def stop(self) -> int | None:
+        """Terminate the server and wait for it; kill its process group if it overstays. Returns its exit code."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.config.exit_timeout_s + 20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        # Python backend stubs are children of the server; leave none behind.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return process.returncode
+
+    def wait(self) -> int:
+        """Block until the server exits on its own; return its exit code."""
+        if self._process is None:
+            raise ServerError("server not started")
+        return self._process.wait()
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-num_lines:])
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _pytriton_wheel_dir() -> Path | None:
+    for root in [*site.getsitepackages(), site.getusersitepackages()]:
+        candidate = Path(root) / "pytriton"
+        if (candidate / "tritonserver" / "bin" / "tritonserver").is_file():
+            return candidate
+    return None
+
+
+def _server_environment(installation: TritonInstallation) -> dict[str, str]:
+    """The server's environment: its libraries found, and the stub importing this project and its packages."""
+    env = dict(os.environ)
+    if installation.library_dirs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*map(str, installation.library_dirs), *filter(None, [env.get("LD_LIBRARY_PATH")])]
+        )
+    python_path = [str(PROJECT_ROOT), *site.getsitepackages()]
+    env["PYTHONPATH"] = os.pathsep.join([*python_path, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _is_ok(url: str) -> bool:
+    # Connection: close, so no idle connection is left for the server to wait on when it stops.
+    try:
+        return requests.get(url, timeout=2, headers={"Connection": "close"}).status_code == 200
+    except requests.RequestException:
+        return False
