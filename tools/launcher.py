@@ -18,19 +18,21 @@ import site
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from python_backends.serving.settings import DEFAULT_MODEL_PATH
+from tools.model_control import ModelControl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_TEMPLATES = PROJECT_ROOT / "model_repository"
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "triton-disagg" / "run"
 
-#: The models every server loads.
-MODELS = ("worker", "llm")
+#: The models the server loads at start; workers are loaded after, through model control.
+MODELS = ("kv_transfer", "llm")
 
 
 class ServerError(RuntimeError):
@@ -58,6 +60,18 @@ class ServerConfig:
     max_model_len: int | None = None
     #: Instances of the `llm` entry model (each relays its requests' streams on its own threads).
     llm_instances: int = 2
+    #: Prefill workers `prefill_<k>` loaded at start (0: every prompt is prefilled by its decode worker).
+    prefill_workers: int = 1
+    #: Decode workers `decode_<j>` loaded at start.
+    decode_workers: int = 1
+    #: Shortest uncached prompt part (tokens) a decode worker has prefilled on a prefill worker.
+    min_remote_prefill_tokens: int = 512
+    #: Prefill requests in flight per prefill worker above which decode workers prefill locally.
+    max_prefills_in_flight: int = 4
+    #: How long a prefill worker holds a prompt's KV for the decode worker to pull.
+    kv_hold_timeout_s: float = 30.0
+    #: How long a decode worker waits for a KV pull before prefilling locally.
+    kv_pull_timeout_s: float = 30.0
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
     #: Seconds the server waits for in-flight requests and open connections when stopped.
@@ -77,6 +91,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 1..65535, got {port}")
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
+        if self.decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
+        if self.prefill_workers < 0:
+            raise ValueError(f"prefill_workers must be >= 0, got {self.prefill_workers}")
         if self.llm_instances < 1:
             raise ValueError(f"llm_instances must be >= 1, got {self.llm_instances}")
         if self.block_size < 1:
@@ -138,7 +156,10 @@ def prepare_backend_directory(installation: TritonInstallation, backend_dir: Pat
         installation.python_backend_dir / "triton_python_backend_utils.py",
         installation.python_stub,
     ):
-        shutil.copy2(source, python_dir / source.name)
+        # Copy then rename: a stub still running from an earlier server keeps its old file.
+        staged = python_dir / f".{source.name}.tmp"
+        shutil.copy2(source, staged)
+        os.replace(staged, python_dir / source.name)
     return backend_dir
 
 
@@ -164,17 +185,26 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(templates, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    model_path = str(Path(config.model_path).resolve())
-    max_model_len = "" if config.max_model_len is None else str(config.max_model_len)
+    engine = {
+        "model_path": str(Path(config.model_path).resolve()),
+        "block_size": str(config.block_size),
+        "num_blocks": "" if config.num_blocks is None else str(config.num_blocks),
+        "max_num_batched_tokens": str(config.max_num_batched_tokens),
+        "max_model_len": "" if config.max_model_len is None else str(config.max_model_len),
+    }
     parameters = {
-        "worker": {
-            "model_path": model_path,
-            "block_size": str(config.block_size),
-            "num_blocks": "" if config.num_blocks is None else str(config.num_blocks),
-            "max_num_batched_tokens": str(config.max_num_batched_tokens),
-            "max_model_len": max_model_len,
+        "prefill": engine | {"kv_hold_timeout_s": str(config.kv_hold_timeout_s)},
+        "decode": engine
+        | {
+            "min_remote_prefill_tokens": str(config.min_remote_prefill_tokens),
+            "kv_pull_timeout_s": str(config.kv_pull_timeout_s),
         },
-        "llm": {"model_path": model_path, "worker_model_name": "worker", "max_model_len": max_model_len},
+        "llm": {
+            "model_path": engine["model_path"],
+            "max_model_len": engine["max_model_len"],
+            "http_port": str(config.http_port),
+            "max_prefills_in_flight": str(config.max_prefills_in_flight),
+        },
     }
     for model, values in parameters.items():
         path = dest / model / "config.pbtxt"
@@ -258,7 +288,31 @@ class TritonServer:
         if self._process is None:
             raise ServerError("server not started; call start() first")
         deadline = time.monotonic() + timeout_s
-        urls = [f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in MODELS]
+        self._wait_for([f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in MODELS], deadline, timeout_s)
+        self._load_workers()
+
+    @property
+    def worker_names(self) -> list[str]:
+        return [f"prefill_{k}" for k in range(self.config.prefill_workers)] + [
+            f"decode_{j}" for j in range(self.config.decode_workers)
+        ]
+
+    def _load_workers(self) -> None:
+        """Load the configured prefill and decode workers from their templates (model control)."""
+        def load(name: str) -> None:
+            control = ModelControl(self.http_url)
+            try:
+                control.load_worker(self.run_dir / "model_repository", name.rsplit("_", 1)[0], name)
+            except Exception as exc:
+                raise ServerError(f"loading worker {name} failed: {exc}; last lines of {self.log_path}:\n{self.log_tail()}") from None
+            finally:
+                control.close()
+
+        # In parallel: each load imports torch and builds an engine in its own stub process.
+        with ThreadPoolExecutor(max_workers=max(1, len(self.worker_names))) as pool:
+            list(pool.map(load, self.worker_names))
+
+    def _wait_for(self, urls: list[str], deadline: float, timeout_s: float) -> None:
         while True:
             if self._process.poll() is not None:
                 raise ServerError(
@@ -336,6 +390,9 @@ def _server_environment(installation: TritonInstallation) -> dict[str, str]:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             [*map(str, installation.library_dirs), *filter(None, [env.get("LD_LIBRARY_PATH")])]
         )
+    # The stub embeds Python and finds its prefix through the `python3` on PATH: put this
+    # interpreter's first, or an unactivated virtualenv's packages (numpy, torch) go missing.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
     python_path = [str(PROJECT_ROOT), *site.getsitepackages()]
     env["PYTHONPATH"] = os.pathsep.join([*python_path, *filter(None, [env.get("PYTHONPATH")])])
     return env

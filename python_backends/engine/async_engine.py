@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from python_backends.engine.kv_connector import RemoteKV
 from python_backends.engine.llm_engine import LLMEngine
 from python_backends.engine.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 
@@ -21,6 +22,10 @@ OnOutput = Callable[[RequestOutput], None]
 OnError = Callable[[Exception], None]
 
 
+#: How often the loop wakes while only KV holds or pulls are pending (no request running).
+KV_POLL_INTERVAL_S = 0.002
+
+
 @dataclass(slots=True)
 class _Submission:
     request_id: str
@@ -28,13 +33,17 @@ class _Submission:
     params: SamplingParams
     on_output: OnOutput
     on_error: OnError
+    hold_kv: bool = False
+    remote_kv: RemoteKV | None = None
 
 
 class EngineThread:
     """Owns the engine loop: sleeps while idle, steps while any request is unfinished."""
 
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
+    def __init__(self, engine: LLMEngine, name: str = "engine", after_step: Callable[[], None] | None = None):
+        """`after_step` runs on the engine thread after every step (e.g. to publish metrics)."""
         self.engine = engine
+        self._after_step = after_step
         self._cond = threading.Condition()
         self._submissions: list[_Submission] = []
         self._aborts: list[str] = []
@@ -52,8 +61,13 @@ class EngineThread:
         params: SamplingParams,
         on_output: OnOutput,
         on_error: OnError,
+        hold_kv: bool = False,
+        remote_kv: RemoteKV | None = None,
     ) -> None:
-        """Queue a request. Raises InvalidRequest at once for a request that can never run."""
+        """Queue a request (see `LLMEngine.add_request` for `hold_kv` and `remote_kv`).
+
+        Raises InvalidRequest at once for a request that can never run.
+        """
         self.engine.validate_request(prompt_token_ids, params)
         with self._cond:
             if self._stopping:
@@ -61,7 +75,9 @@ class EngineThread:
             if request_id in self._callbacks:
                 raise InvalidRequest(f"request id {request_id!r} is already running")
             self._callbacks[request_id] = (on_output, on_error)
-            self._submissions.append(_Submission(request_id, prompt_token_ids, params, on_output, on_error))
+            self._submissions.append(
+                _Submission(request_id, prompt_token_ids, params, on_output, on_error, hold_kv, remote_kv)
+            )
             self._cond.notify()
 
     def abort(self, request_id: str) -> None:
@@ -90,13 +106,18 @@ class EngineThread:
         while True:
             with self._cond:
                 while not (self._submissions or self._aborts or self._stopping or self.engine.has_unfinished_requests()):
+                    if self.engine.needs_polling():
+                        self._cond.wait(KV_POLL_INTERVAL_S)
+                        break
                     self._cond.wait()
                 submissions, self._submissions = self._submissions, []
                 aborts, self._aborts = self._aborts, []
                 stopping = self._stopping
             for sub in submissions:
                 try:
-                    self.engine.add_request(sub.request_id, sub.prompt_token_ids, sub.params)
+                    self.engine.add_request(
+                        sub.request_id, sub.prompt_token_ids, sub.params, hold_kv=sub.hold_kv, remote_kv=sub.remote_kv
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported to the request's owner
                     self._fail(sub.request_id, exc)
             for request_id in aborts:
@@ -110,6 +131,8 @@ class EngineThread:
                 continue
             for output in outputs:
                 self._deliver(output)
+            if self._after_step is not None:
+                self._after_step()
             if stopping and not self.engine.has_unfinished_requests():
                 return
 
@@ -137,6 +160,5 @@ class EngineThread:
         with self._cond:
             request_ids = list(self._callbacks)
         for request_id in request_ids:
-            self.engine.abort_request(request_id)
+            self.engine.abort_request(request_id)  # its ABORT output finds no callback: dropped
             self._fail(request_id, exc)
-        self.engine.step()  # drains the ABORT outputs; their callbacks are already gone

@@ -174,7 +174,7 @@ class LLMEngine:
             output = self._output(seq, [token], reason)
             if reason is not None:
                 del self._seqs[seq.request_id]
-                if seq.hold_kv:
+                if seq.hold_kv and reason == FinishReason.LENGTH:  # a stop needs no decode: nothing to hold
                     output.held_block_ids = tuple(seq.block_ids)
                     output.held_block_hashes = tuple(seq.hashes_up_to(seq.num_prompt_tokens // self.block_size))
                     self.scheduler.detach(seq)

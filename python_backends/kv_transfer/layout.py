@@ -24,9 +24,10 @@ class PoolLayout:
     block_bytes: int
     block_shape: tuple[int, ...]  # (L, 2, block_size, KVH, D)
     dtype: str
+    model_name: str = ""  # the Triton model serving this pool, for control requests
 
     @classmethod
-    def of_pool(cls, agent_name: str, kv_pool: torch.Tensor) -> "PoolLayout":
+    def of_pool(cls, agent_name: str, kv_pool: torch.Tensor, model_name: str = "") -> "PoolLayout":
         if not kv_pool.is_contiguous():
             raise ValueError("the KV pool must be one contiguous tensor")
         device = kv_pool.device
@@ -39,6 +40,7 @@ class PoolLayout:
             block_bytes=kv_pool[0].numel() * kv_pool.element_size(),
             block_shape=tuple(kv_pool.shape[1:]),
             dtype=str(kv_pool.dtype).removeprefix("torch."),
+            model_name=model_name,
         )
 
     @property

@@ -26,11 +26,13 @@ RELEASE_PREFIX = b"release:"
 class NixlConnector:
     """A worker's NIXL agent and its view of peer pools."""
 
-    def __init__(self, agent_name: str, kv_pool: torch.Tensor, backends: tuple[str, ...] = ("UCX",)):
+    def __init__(
+        self, agent_name: str, kv_pool: torch.Tensor, model_name: str = "", backends: tuple[str, ...] = ("UCX",)
+    ):
         from nixl._api import nixl_agent, nixl_agent_config
 
         self.agent_name = agent_name
-        self.layout = PoolLayout.of_pool(agent_name, kv_pool)
+        self.layout = PoolLayout.of_pool(agent_name, kv_pool, model_name)
         self._agent = nixl_agent(agent_name, nixl_agent_config(backends=list(backends)))
         self._agent.register_memory(
             [(self.layout.base_addr, self.layout.num_blocks * self.layout.block_bytes, self.layout.device_id, "")],
@@ -61,10 +63,11 @@ class NixlConnector:
         with self._lock:
             incoming, self._incoming = self._incoming, []
         for layout, metadata in incoming:
-            if layout.agent_name in self._peers:
-                self._agent.remove_remote_agent(layout.agent_name)  # a reloaded worker: new pool, new metadata
-            self._agent.add_remote_agent(metadata)
-            self._peers[layout.agent_name] = layout
+            # Agent names are per incarnation, so a known name is a duplicate lookup. Re-adding it
+            # would drop the connection under the transfers in flight.
+            if layout.agent_name not in self._peers:
+                self._agent.add_remote_agent(metadata)
+                self._peers[layout.agent_name] = layout
 
     def forget_peer(self, agent_name: str) -> None:
         if self._peers.pop(agent_name, None) is not None:
@@ -96,14 +99,18 @@ class NixlConnector:
         return transfer
 
     def poll(self, transfer: object) -> TransferState:
-        state = self._agent.check_xfer_state(transfer)
+        try:
+            state = self._agent.check_xfer_state(transfer)
+        except Exception:  # noqa: BLE001 - a transfer NIXL no longer knows has failed
+            logger.warning("NIXL lost track of a KV transfer", exc_info=True)
+            return TransferState.FAILED
         return {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}.get(state, TransferState.FAILED)
 
     def finish(self, transfer: object | None, handle: KVHandle) -> None:
         done = False
         if transfer is not None:
             # A READ that completed carried the release notification already.
-            done = self._agent.check_xfer_state(transfer) == "DONE"
+            done = self.poll(transfer) == TransferState.DONE
             try:
                 self._agent.release_xfer_handle(transfer)
             except Exception:  # noqa: BLE001 - the hold expires on its own

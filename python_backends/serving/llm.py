@@ -22,6 +22,7 @@ from python_backends.serving.protocol import (
 )
 from python_backends.serving.settings import LLMSettings
 from python_backends.serving.stop_strings import StopStringMatcher
+from python_backends.serving.worker_pool import RepositoryWatcher, WorkerChoice, WorkerPool
 from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor, read_inputs, read_output
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,6 +48,9 @@ class LLMService:
     def __init__(self, settings: LLMSettings) -> None:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
+        self.workers = WorkerPool(settings.max_prefills_in_flight)
+        self._watcher = RepositoryWatcher(self.workers, settings.triton_http_url)
+        self._watcher.start()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -66,16 +70,25 @@ class LLMService:
             self._threads.add(thread)
         thread.start()
 
+    def choose_workers(self) -> WorkerChoice:
+        """Workers for one request; refreshes the live set once if it has no decode worker."""
+        try:
+            return self.workers.choose()
+        except LookupError:
+            self._watcher.refresh()  # a worker loaded since the last poll is found at once
+            return self.workers.choose()
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Wait up to `timeout_s` for the requests in flight to finish."""
+        self._watcher.stop()
         deadline = time.monotonic() + timeout_s
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def stream_from_worker(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        """Start generation on the worker; iterate over its responses (blocking)."""
+    def stream_from_worker(self, choice: WorkerChoice, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
         inputs = [
             pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
             pb_utils.Tensor("max_tokens", np.array([params.max_tokens], dtype=np.int32)),
@@ -86,18 +99,22 @@ class LLMService:
         ]
         if params.seed is not None:
             inputs.append(pb_utils.Tensor("seed", np.array([params.seed], dtype=np.uint64)))
+        if choice.prefill_worker is not None:
+            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
+        if choice.prefill_pool_saturated:
+            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
         request = pb_utils.InferenceRequest(
-            model_name=self.settings.worker_model_name,
+            model_name=choice.decode_worker,
             inputs=inputs,
             requested_output_names=list(WORKER_OUTPUT_NAMES),
             request_id=request_id,
         )
         return request.exec(decoupled=True)
 
-    def abort_on_worker(self, request_id: str) -> None:
-        """Ask the worker to abort `request_id` and wait for its acknowledgement."""
+    def abort_on_worker(self, decode_worker: str, request_id: str) -> None:
+        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
         request = pb_utils.InferenceRequest(
-            model_name=self.settings.worker_model_name,
+            model_name=decode_worker,
             inputs=[bytes_tensor("abort_request_id", request_id)],
             requested_output_names=[],
         )
@@ -133,10 +150,24 @@ class _Relay:
         self._num_output_tokens = 0
         self._unsent_text = "" if request.exclude_input_in_output else request.prompt
         self._is_done = False
+        self._is_prefill_done = False
 
     def run(self) -> None:
+        self._choice = self._service.choose_workers()
+        try:
+            self._relay()
+        finally:
+            self._prefill_done()
+            self._service.workers.request_done(self._choice)
+
+    def _prefill_done(self) -> None:
+        if not self._is_prefill_done:
+            self._is_prefill_done = True
+            self._service.workers.prefill_done(self._choice)
+
+    def _relay(self) -> None:
         responses = self._service.stream_from_worker(
-            self._worker_request_id, self._prompt_token_ids, self._request.params
+            self._choice, self._worker_request_id, self._prompt_token_ids, self._request.params
         )
         for response in responses:
             if response.has_error():
@@ -162,6 +193,8 @@ class _Relay:
     def _on_worker_response(self, response) -> None:
         new_token_ids = read_output(response, "output_ids")
         new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
+        if new_token_ids:
+            self._prefill_done()
         finish_reason = read_output(response, "finish_reason")
         self._num_output_tokens += len(new_token_ids)
         text = self._detokenizer.push(new_token_ids)
@@ -184,7 +217,7 @@ class _Relay:
             self._sender.send(flags=FINAL)
         else:
             self._send(finish_reason)
-        self._service.abort_on_worker(self._worker_request_id)
+        self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
 
     def _send(self, finish_reason: str | None) -> None:
         request = self._request

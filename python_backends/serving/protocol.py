@@ -8,6 +8,7 @@ naming the offending input, which the models turn into an INVALID_ARG error.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ WORKER_INPUT_NAMES = (
     "abort_request_id",
 )
 WORKER_OUTPUT_NAMES = ("output_ids", "finish_reason", "num_input_tokens", "num_cached_tokens")
+DECODE_INPUT_NAMES = WORKER_INPUT_NAMES + ("prefill_worker", "prefill_pool_saturated", "kv_handle", "first_token")
+PREFILL_INPUT_NAMES = ("input_ids", "temperature", "top_k", "top_p", "seed", "ignore_eos", "check_hold_id")
+PREFILL_OUTPUT_NAMES = WORKER_OUTPUT_NAMES + ("kv_handle", "hold_found")
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,6 +71,29 @@ class WorkerGenerate:
 
     prompt_token_ids: list[int]
     params: SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeGenerate:
+    """A decode worker request: a prompt to prefill locally, or remotely, or already prefilled.
+
+    `prefill_worker` offers a prefill worker (the decode worker decides);
+    `kv_handle` with `first_token_id` says the prompt was prefilled already.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prefill_worker: str | None = None
+    prefill_pool_saturated: bool = False
+    kv_handle: bytes | None = None
+    first_token_id: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class HoldCheck:
+    """A prefill worker control request: is the KV hold `hold_id` still held?"""
+
+    hold_id: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,6 +150,34 @@ def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort:
         prompt_token_ids=[int(t) for t in input_ids.reshape(-1)],
         params=_sampling_params(inputs, DEFAULT_MAX_TOKENS),
     )
+
+
+def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort:
+    """Parse a decode worker request (see `DecodeGenerate`). Raises InvalidRequest."""
+    parsed = parse_worker_request(inputs)
+    if isinstance(parsed, WorkerAbort):
+        return parsed
+    kv_handle = inputs.get("kv_handle")
+    first_token = _scalar(inputs, "first_token", None)
+    if (kv_handle is None) != (first_token is None):
+        raise InvalidRequest("kv_handle and first_token go together: send both or neither")
+    return DecodeGenerate(
+        prompt_token_ids=parsed.prompt_token_ids,
+        params=parsed.params,
+        prefill_worker=_decode_utf8("prefill_worker", _scalar(inputs, "prefill_worker", None)) or None,
+        prefill_pool_saturated=_bool(inputs, "prefill_pool_saturated", False),
+        kv_handle=None if kv_handle is None else np.asarray(kv_handle, dtype=np.uint8).tobytes(),
+        first_token_id=None if first_token is None else int(first_token),
+    )
+
+
+def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck:
+    """Parse a prefill worker request: a prompt (its first token is sampled), or a hold check."""
+    hold_id = _scalar(inputs, "check_hold_id", None)
+    if hold_id is not None:
+        return HoldCheck(_decode_utf8("check_hold_id", hold_id))
+    parsed = parse_worker_request({**inputs, "max_tokens": None})
+    return WorkerGenerate(parsed.prompt_token_ids, dataclasses.replace(parsed.params, max_tokens=1))
 
 
 def _sampling_params(inputs: Inputs, default_max_tokens: int) -> SamplingParams:

@@ -21,10 +21,12 @@ class LLMSettings:
 
     #: Checkpoint directory; only its tokenizer.json and config.json are read.
     model_path: Path
-    #: The model that runs the engine, called through BLS.
-    worker_model_name: str
     #: Longest prompt + output, in tokens.
     max_model_len: int
+    #: This server's HTTP endpoint; its repository index lists the live prefill/decode workers.
+    triton_http_url: str = "http://localhost:8000"
+    #: Prefill requests in flight per prefill worker above which decode workers prefill locally.
+    max_prefills_in_flight: int = 4
 
     @property
     def tokenizer_path(self) -> Path:
@@ -55,10 +57,12 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
     max_model_len = _optional_int(parameters, "max_model_len")
     if max_model_len is None:
         max_model_len = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 2048)
+    http_port = _optional_int(parameters, "http_port") or 8000
     return LLMSettings(
         model_path=model_path,
-        worker_model_name=parameters.get("worker_model_name") or "worker",
         max_model_len=max_model_len,
+        triton_http_url=f"http://localhost:{http_port}",
+        max_prefills_in_flight=_optional_int(parameters, "max_prefills_in_flight") or 4,
     )
 
 
@@ -72,8 +76,35 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
         value = _optional_int(parameters, name)
         if value is not None:
             setattr(config, name, value)
+    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s"):
+        value = _optional_float(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
     config.validate()
     return config
+
+
+def min_remote_prefill_tokens(parameters: Mapping[str, str], default: int = 512) -> int:
+    """A decode worker's threshold for remote prefill (0: always, when a prefill worker is offered)."""
+    raw = parameters.get("min_remote_prefill_tokens", "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"parameter min_remote_prefill_tokens must be an integer >= 0, got {raw!r}")
+    return int(raw)
+
+
+def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
+    raw = parameters.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"parameter {name} must be > 0, got {value}")
+    return value
 
 
 def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:

@@ -34,9 +34,13 @@ def int32_tensor(name: str, values: int | Iterable[int]) -> "pb_utils.Tensor":
 
 
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":
-    """A response carrying `error`: INVALID_ARG for a bad request, INTERNAL otherwise."""
+    """A response carrying `error`: INVALID_ARG for a bad request, UNAVAILABLE with no worker, else INTERNAL."""
     if isinstance(error, pb_utils.TritonError):
         return pb_utils.InferenceResponse(error=error)
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(error, InvalidRequest) else pb_utils.TritonError.INTERNAL
-    message = str(error) if isinstance(error, InvalidRequest) else f"{type(error).__name__}: {error}"
+    if isinstance(error, InvalidRequest):
+        code, message = pb_utils.TritonError.INVALID_ARG, str(error)
+    elif isinstance(error, LookupError):  # no live worker to serve it
+        code, message = pb_utils.TritonError.UNAVAILABLE, str(error).strip("'\"")
+    else:
+        code, message = pb_utils.TritonError.INTERNAL, f"{type(error).__name__}: {error}"
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

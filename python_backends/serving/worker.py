@@ -1,7 +1,9 @@
-"""The `worker` model's request path: Triton requests in, engine outputs out as streamed responses."""
+"""What every engine worker model shares: the engine thread, its NIXL agent, metrics, responses."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 
 import triton_python_backend_utils as pb_utils
@@ -10,90 +12,88 @@ from python_backends.engine.async_engine import EngineThread
 from python_backends.engine.config import EngineConfig
 from python_backends.engine.llm_engine import LLMEngine
 from python_backends.engine.params import RequestOutput
-from python_backends.serving.protocol import WORKER_INPUT_NAMES, WorkerAbort, parse_worker_request
-from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor, read_inputs
+from python_backends.serving.kv_directory import DirectoryClient
+from python_backends.serving.metrics import WorkerMetrics
+from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-class KVBlockGauges:
-    """`triton_disagg_kv_free_blocks` / `triton_disagg_kv_blocks` on Triton's metrics endpoint."""
-
-    def __init__(self, labels: dict[str, str], num_blocks: int) -> None:
-        # Families and metrics are deleted from the server with their Python objects, so all are kept.
-        self._free_family = pb_utils.MetricFamily(
-            name="triton_disagg_kv_free_blocks",
-            description="KV blocks that no request holds (cached prefix blocks included)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self._total_family = pb_utils.MetricFamily(
-            name="triton_disagg_kv_blocks",
-            description="KV blocks in the worker's pool",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self._free = self._free_family.Metric(labels=labels)
-        self._total = self._total_family.Metric(labels=labels)
-        self._total.set(num_blocks)
-        self._last_free = -1
-
-    def update(self, num_free_blocks: int) -> None:
-        # Setting a metric is a round trip to the server process: skip it when nothing changed.
-        if num_free_blocks != self._last_free:
-            self._free.set(num_free_blocks)
-            self._last_free = num_free_blocks
+logger = logging.getLogger(__name__)
 
 
-class WorkerService:
-    """One engine on its own thread; `submit` hands it a request and returns at once."""
+class EngineService:
+    """One engine on its own thread, with a NIXL agent registered in the KV directory.
 
-    def __init__(self, config: EngineConfig, metric_labels: dict[str, str]) -> None:
-        self.engine = LLMEngine(config)
-        self._gauges = KVBlockGauges(metric_labels, self.engine.block_manager.num_blocks)
-        self._gauges.update(self.engine.block_manager.num_free_blocks)
-        self._engine_thread = EngineThread(self.engine)
+    The agent's name is the model name plus a random suffix, so a reloaded
+    worker (new pool, new addresses) is a new peer, never a stale one.
+    """
+
+    def __init__(self, config: EngineConfig, model_name: str, use_nixl: bool = True) -> None:
+        self.model_name = model_name
+        self.agent_name = f"{model_name}-{uuid.uuid4().hex[:8]}"
+        factory = None
+        if use_nixl:
+            from python_backends.kv_transfer.nixl_connector import NixlConnector
+
+            factory = lambda pool: NixlConnector(self.agent_name, pool, model_name)  # noqa: E731
+        self.engine = LLMEngine(config, kv_connector_factory=factory)
+        self.metrics = WorkerMetrics(model_name, self.engine)
+        self.directory = DirectoryClient()
+        self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self.metrics.refresh)
         self._engine_thread.start()
+        self._is_registered = not use_nixl
+        self._register_lock = threading.Lock()
 
-    def submit(self, request) -> None:
-        """Start one request; its responses are sent from the engine thread."""
-        sender = request.get_response_sender()
-        try:
-            parsed = parse_worker_request(read_inputs(request, WORKER_INPUT_NAMES))
-            if isinstance(parsed, WorkerAbort):
-                self.abort(parsed.request_id)
-                sender.send(flags=FINAL)
+    def ensure_registered(self) -> None:
+        """Publish this worker's agent in the KV directory, once, from `execute`.
+
+        Not from `initialize`: a BLS call made before the model finished loading
+        crashes the Python backend. The first request of a prefill worker comes
+        from a decode worker, which looks the agent up only after this response.
+        """
+        if self._is_registered:
+            return
+        with self._register_lock:
+            if self._is_registered:
                 return
-            request_id = request.request_id() or uuid.uuid4().hex
-            stream = _ResponseStream(self, sender, request_id)
-            self._engine_thread.submit(
-                request_id, parsed.prompt_token_ids, parsed.params, stream.on_output, stream.on_error
-            )
-        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller as an error response
-            sender.send(error_response(e), flags=FINAL)
+            connector = self.engine.kv_connector
+            try:
+                self.directory.register(connector.layout, connector.metadata)
+                self._is_registered = True
+            except Exception:  # noqa: BLE001 - the directory may not be loaded yet: retried with the next request
+                logger.warning("could not register %s in the KV directory; will retry", self.agent_name, exc_info=True)
 
-    def shutdown(self) -> None:
-        """Abort what is in flight (each request gets its final response) and join the engine thread."""
-        self._engine_thread.stop()
+    @property
+    def engine_thread(self) -> EngineThread:
+        return self._engine_thread
 
     def abort(self, request_id: str) -> None:
         """Abort an in-flight request; its final (ABORT) response follows from the engine thread."""
         self._engine_thread.abort(request_id)
 
-    def refresh_metrics(self) -> None:
-        """Publish the pool's free-block count. Call on the engine thread."""
-        self._gauges.update(self.engine.block_manager.num_free_blocks)
+    def shutdown(self) -> None:
+        """Abort what is in flight (each request gets its final response) and join the engine thread.
+
+        The directory entry stays (BLS from `finalize` is not safe either): it names
+        this incarnation only, and a handle naming it fails its hold check.
+        """
+        self._engine_thread.stop()
 
 
-class _ResponseStream:
-    """Sends one request's engine outputs as responses. Its callbacks run on the engine thread."""
+class ResponseStream:
+    """Sends one request's engine outputs as responses. Its callbacks run on the engine thread.
 
-    def __init__(self, service: WorkerService, sender, request_id: str) -> None:
+    A client that cancels (or a parent BLS request that goes away) aborts
+    the request, which frees its blocks; the final ABORT response still goes out.
+    """
+
+    def __init__(self, service: EngineService, sender, request_id: str) -> None:
         self._service = service
         self._sender = sender
         self._request_id = request_id
         self._is_aborting = False
 
     def on_output(self, output: RequestOutput) -> None:
-        self._service.refresh_metrics()
         if not output.finished and not self._is_aborting and self._sender.is_cancelled():
             self._is_aborting = True
             self._service.abort(self._request_id)
@@ -106,9 +106,12 @@ class _ResponseStream:
         ]
         if output.finished:
             tensors.append(bytes_tensor("finish_reason", output.finish_reason.value))
+        tensors.extend(self.extra_tensors(output))
         # A failed send raises into EngineThread, which aborts the request.
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.finished else 0)
 
+    def extra_tensors(self, output: RequestOutput) -> list:
+        return []
+
     def on_error(self, error: Exception) -> None:
-        self._service.refresh_metrics()
         self._sender.send(error_response(error), flags=FINAL)

@@ -23,21 +23,44 @@ NUM_BLOCKS = 256
 CLOSE_CONNECTION = {"Connection": "close"}
 
 
+#: The disaggregated server prefills prompts with at least this many uncached tokens remotely.
+MIN_REMOTE_TOKENS = 48
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Iterator[TritonServer]:
-    model_path = make_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+def model_path(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def _start(tmp_path_factory, model_path, **overrides) -> TritonServer:
     http_port, grpc_port, metrics_port = _free_ports(3)
     config = ServerConfig(
-        model_path=model_path,
-        run_dir=tmp_path_factory.mktemp("run"),
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        num_blocks=NUM_BLOCKS,
-        exit_timeout_s=2,
+        **{
+            "model_path": model_path,
+            "run_dir": tmp_path_factory.mktemp("run"),
+            "http_port": http_port,
+            "grpc_port": grpc_port,
+            "metrics_port": metrics_port,
+            "num_blocks": NUM_BLOCKS,
+            "exit_timeout_s": 2,
+        }
+        | overrides
     )
-    with TritonServer(config) as running:
+    return TritonServer(config)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_path) -> Iterator[TritonServer]:
+    """One prefill and one decode worker; prompts this suite sends are all prefilled on the decode worker."""
+    with _start(tmp_path_factory, model_path) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def disagg(tmp_path_factory, model_path) -> Iterator["Client"]:
+    """A second server whose decode worker has prompts of MIN_REMOTE_TOKENS or more prefilled remotely."""
+    with _start(tmp_path_factory, model_path, min_remote_prefill_tokens=MIN_REMOTE_TOKENS, kv_hold_timeout_s=5.0) as running:
+        yield Client(running)
 
 
 class Client:
@@ -64,7 +87,7 @@ class Client:
             assert response.status_code == 200, response.text
             return [json.loads(line[len(b"data: ") :]) for line in response.iter_lines() if line.startswith(b"data: ")]
 
-    def grpc_stream(self, inputs: dict[str, np.ndarray], *, cancel_after: int | None = None) -> list:
+    def grpc_stream(self, inputs: dict[str, np.ndarray], *, cancel_after: int | None = None, model: str = "llm") -> list:
         """Send one request over a gRPC stream; return its responses (InferResult, or the error that ended it).
 
         With `cancel_after`, cancel the request after that many responses.
@@ -78,7 +101,7 @@ class Client:
             tensors[-1].set_data_from_numpy(array)
         responses = []
         try:
-            grpc.async_stream_infer("llm", tensors, enable_empty_final_response=True)
+            grpc.async_stream_infer(model, tensors, enable_empty_final_response=True)
             while cancel_after is None or len(responses) < cancel_after:
                 responses.append(received.get(timeout=30))
                 if not isinstance(responses[-1], grpcclient.InferResult) or _is_final(responses[-1]):
@@ -88,17 +111,23 @@ class Client:
             grpc.close()
         return responses
 
-    def free_blocks(self) -> int:
-        return self._gauge("triton_disagg_kv_free_blocks")
+    def free_blocks(self) -> dict[str, int]:
+        """Free KV blocks of every worker, by model name."""
+        return self.metric("triton_disagg_kv_free_blocks")
 
-    def total_blocks(self) -> int:
-        return self._gauge("triton_disagg_kv_blocks")
+    def total_blocks(self) -> dict[str, int]:
+        return self.metric("triton_disagg_kv_blocks")
 
-    def _gauge(self, name: str) -> int:
+    def metric(self, name: str, missing_ok: bool = False, **labels: str) -> dict[str, int]:
+        """Values of metric `name` by `model` label, among series that carry `labels`."""
         metrics = requests.get(self.server.metrics_url, headers=CLOSE_CONNECTION, timeout=10).text
-        match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", metrics, re.MULTILINE)
-        assert match, f"{name} is missing from the metrics"
-        return int(float(match.group(1)))
+        values = {}
+        for label_text, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", metrics, re.MULTILINE):
+            series = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+            if all(series.get(k) == v for k, v in labels.items()):
+                values[series["model"]] = int(float(value))
+        assert values or missing_ok, f"{name} {labels} is missing from the metrics"
+        return values
 
 
 @pytest.fixture

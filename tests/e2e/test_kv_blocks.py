@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 LONG_MAX_TOKENS = 3000
 
 
-def wait_for_free_blocks(client, expected: int, timeout_s: float = 20.0) -> int:
+def wait_for_free_blocks(client, expected: dict[str, int], timeout_s: float = 20.0) -> dict[str, int]:
     deadline = time.monotonic() + timeout_s
     while (free := client.free_blocks()) != expected and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,11 +1,13 @@
 """Rendering the model repository and preparing the backend directory (no server started)."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from python_backends.serving.settings import engine_config, llm_settings, model_parameters
+from python_backends.serving.settings import engine_config, llm_settings, min_remote_prefill_tokens, model_parameters
+from tools.model_control import Placement, worker_config
 from tools.launcher import (
     ServerConfig,
     find_tritonserver,
@@ -52,14 +54,14 @@ def test_render_model_repository(tmp_path):
     model = fake_checkpoint(tmp_path / "model")
     config = ServerConfig(model_path=model, run_dir=tmp_path, block_size=8, num_blocks=64, llm_instances=3)
     repository = render_model_repository(config, tmp_path / "repo")
-    assert sorted(p.name for p in repository.iterdir()) == ["llm", "worker"]
+    assert sorted(p.name for p in repository.iterdir()) == ["decode", "kv_transfer", "llm", "prefill"]
     assert (repository / "llm" / "1" / "model.py").is_file()
-    worker = (repository / "worker" / "config.pbtxt").read_text()
     llm = (repository / "llm" / "config.pbtxt").read_text()
-    assert f'key: "model_path" value: {{ string_value: "{model}" }}' in worker
-    assert 'key: "num_blocks" value: { string_value: "64" }' in worker
     assert "count: 3 kind: KIND_CPU" in llm
-    assert "count: 1 kind: KIND_CPU" in worker
+    for template in ("prefill", "decode"):
+        worker = (repository / template / "config.pbtxt").read_text()
+        assert f'key: "model_path" value: {{ string_value: "{model}" }}' in worker
+        assert 'key: "num_blocks" value: { string_value: "64" }' in worker
 
 
 def test_rendered_parameters_parse_into_settings(tmp_path):
@@ -67,13 +69,23 @@ def test_rendered_parameters_parse_into_settings(tmp_path):
     model = fake_checkpoint(tmp_path / "model", max_position_embeddings=1024)
     config = ServerConfig(model_path=model, run_dir=tmp_path, block_size=8, num_blocks=64, max_num_batched_tokens=128)
     repository = render_model_repository(config, tmp_path / "repo")
-    worker_parameters = _parameters_of(repository / "worker" / "config.pbtxt")
-    llm_parameters = _parameters_of(repository / "llm" / "config.pbtxt")
-    engine = engine_config(worker_parameters)
+    decode_parameters = _parameters_of(repository / "decode" / "config.pbtxt")
+    engine = engine_config(decode_parameters)
     assert (engine.block_size, engine.num_blocks, engine.max_num_batched_tokens) == (8, 64, 128)
     assert engine.max_model_len is None
-    llm = llm_settings(llm_parameters)
-    assert (llm.model_path, llm.worker_model_name, llm.max_model_len) == (model, "worker", 1024)
+    assert min_remote_prefill_tokens(decode_parameters) == 512
+    assert engine_config(_parameters_of(repository / "prefill" / "config.pbtxt")).kv_hold_timeout_s == 30.0
+    llm = llm_settings(_parameters_of(repository / "llm" / "config.pbtxt"))
+    assert (llm.model_path, llm.max_model_len, llm.triton_http_url) == (model, 1024, "http://localhost:8000")
+
+
+def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):
+    repository = render_model_repository(ServerConfig(model_path=fake_checkpoint(tmp_path / "m")), tmp_path / "repo")
+    config = json.loads(worker_config(repository / "decode", "decode_3", Placement(gpu=2), {"num_blocks": "7"}))
+    assert config["name"] == "decode_3"
+    assert config["instanceGroup"] == [{"count": 1, "kind": "KIND_GPU", "gpus": [2]}]
+    assert config["parameters"]["num_blocks"] == {"stringValue": "7"}
+    assert config["modelTransactionPolicy"] == {"decoupled": True}
 
 
 def test_bad_parameter_is_named(tmp_path):

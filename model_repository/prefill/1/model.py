@@ -1,20 +1,19 @@
-"""Triton model `worker`: one engine per instance; see python_backends/serving/worker.py."""
+"""Triton model `prefill_<k>`: one prefill engine per instance; see python_backends/serving/prefill.py."""
 
 import json
 
 import triton_python_backend_utils as pb_utils
 
+from python_backends.serving.prefill import PrefillService
 from python_backends.serving.settings import engine_config, model_parameters
-from python_backends.serving.worker import WorkerService
 
 
 class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
-            raise pb_utils.TritonModelException("the worker model streams its tokens: set decoupled: true")
-        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
-        self._service = WorkerService(engine_config(model_parameters(model_config)), labels)
+            raise pb_utils.TritonModelException("the prefill model must be decoupled: set decoupled: true")
+        self._service = PrefillService(engine_config(model_parameters(model_config)), args["model_name"])
 
     def execute(self, requests):
         for request in requests:
