@@ -41,6 +41,12 @@ def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         llm_instances=args.llm_instances,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        min_remote_prefill_tokens=args.min_remote_prefill_tokens,
+        max_prefills_in_flight=args.max_prefills_in_flight,
+        kv_hold_timeout_s=args.kv_hold_timeout_s,
+        kv_pull_timeout_s=args.kv_pull_timeout_s,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
     )
     server = TritonServer(config)
@@ -82,6 +88,7 @@ def _default_model() -> Path:
 def _print_endpoints(server: TritonServer) -> None:
     print(
         f"""ready: model {server.config.model_path}
+  workers  {", ".join(server.worker_names)}
   HTTP     {server.http_url}
   gRPC     {server.grpc_url}
   metrics  {server.metrics_url}
@@ -103,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve_parser = commands.add_parser("serve", help="start Triton with the llm and worker models")
+    serve_parser = commands.add_parser("serve", help="start Triton with the llm, prefill and decode models")
     serve_parser.set_defaults(run=serve)
     flag = _EnvFlags(serve_parser)
     flag(
@@ -127,6 +134,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-model-len", type=int, default=None, help="context window (default: the model's max_position_embeddings)"
     )
     flag("--llm-instances", type=int, default=2, help="instances of the llm entry model")
+    flag("--prefill-workers", type=int, default=1, help="prefill workers prefill_<k> (0: decode workers prefill)")
+    flag("--decode-workers", type=int, default=1, help="decode workers decode_<j>")
+    flag(
+        "--min-remote-prefill-tokens",
+        type=int,
+        default=512,
+        help="uncached prompt tokens from which a decode worker has a prefill worker prefill (0: always)",
+    )
+    flag(
+        "--max-prefills-in-flight",
+        type=int,
+        default=4,
+        help="prefills in flight per prefill worker above which decode workers prefill locally",
+    )
+    flag("--kv-hold-timeout-s", type=float, default=30.0, help="how long a prefill worker holds KV for a pull")
+    flag("--kv-pull-timeout-s", type=float, default=30.0, help="how long a decode worker waits for a KV pull")
     flag(
         "--run-dir",
         metavar="DIR",
