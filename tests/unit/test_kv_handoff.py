@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 
@@ -23,10 +24,14 @@ from python_backends.kv_transfer.nixl_connector import NixlConnector  # noqa: E4
 
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16
+#: Where the KV pools live; "cuda" registers GPU memory with NIXL.
+DEVICE = os.environ.get("TRITON_DISAGG_TEST_DEVICE", "cpu")
 
 
 def make_engine(model, name: str | None = None, **overrides) -> LLMEngine:
-    config = EngineConfig(**({"model_path": str(model), "device": "cpu", "num_blocks": NUM_BLOCKS} | overrides))
+    config = EngineConfig(
+        **({"model_path": str(model), "device": DEVICE, "dtype": "float32", "num_blocks": NUM_BLOCKS} | overrides)
+    )
     if name is None:
         return LLMEngine(config)
     agent = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -83,7 +88,7 @@ def prompt_kv_digest(engine: LLMEngine, block_ids, num_tokens: int) -> str:
     """SHA-256 of the K/V of the first `num_tokens` positions, all layers, in position order."""
     kv = engine.runner.kv_pool[list(block_ids)]  # (nb, L, 2, BS, KVH, D)
     kv = kv.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :num_tokens]  # (L, 2, S, KVH, D)
-    return hashlib.sha256(kv.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(kv.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
 def test_disaggregated_equals_aggregated(pair, tiny_model):
