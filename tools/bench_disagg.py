@@ -54,8 +54,8 @@ def _serve_pool(shape, dtype, num_blocks: int, device: str, ready: mp.Queue, sto
     pool.copy_(torch.arange(pool.numel(), device=device).reshape(pool.shape).to(dtype))
     connector = NixlConnector(f"bench-prefill-{uuid.uuid4().hex[:6]}", pool)
     ready.put((connector.layout, connector.metadata))
-    while not stop.wait(0.01):
-        connector.released_holds()  # drain notifications
+    while not stop.wait(0.0005):  # as a prefill engine polls while it holds KV: NIXL progresses when polled
+        connector.released_holds()
 
 
 def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: int) -> list[dict]:
@@ -200,7 +200,7 @@ def bench_serving(model_path: Path, concurrencies: list[int], num_requests: int,
         with tempfile.TemporaryDirectory() as run_dir:
             config = ServerConfig(
                 model_path=model_path, run_dir=Path(run_dir), http_port=18300, grpc_port=18301, metrics_port=18302,
-                max_prefills_in_flight=1000, exit_timeout_s=2, **overrides,
+                exit_timeout_s=2, **overrides,
             )
             progress(f"{mode}: starting Triton ({overrides})")
             with TritonServer(config) as server:

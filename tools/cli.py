@@ -44,7 +44,8 @@ def serve(args: argparse.Namespace) -> int:
         prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers,
         min_remote_prefill_tokens=args.min_remote_prefill_tokens,
-        max_prefills_in_flight=args.max_prefills_in_flight,
+        routing_mode=args.routing_mode,
+        prefill_busy_tokens=args.prefill_busy_tokens,
         kv_hold_timeout_s=args.kv_hold_timeout_s,
         kv_pull_timeout_s=args.kv_pull_timeout_s,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
@@ -143,10 +144,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="uncached prompt tokens from which a decode worker has a prefill worker prefill (0: always)",
     )
     flag(
-        "--max-prefills-in-flight",
+        "--routing-mode",
+        choices=["kv", "approx", "round_robin", "random"],
+        default="kv",
+        help="how the router picks workers (a request's routing_mode input overrides it)",
+    )
+    flag(
+        "--prefill-busy-tokens",
         type=int,
-        default=4,
-        help="prefills in flight per prefill worker above which decode workers prefill locally",
+        default=None,
+        help="prompt tokens queued on a prefill worker above which it is busy (default: never); "
+        "with all busy, decode workers prefill locally",
     )
     flag("--kv-hold-timeout-s", type=float, default=30.0, help="how long a prefill worker holds KV for a pull")
     flag("--kv-pull-timeout-s", type=float, default=30.0, help="how long a decode worker waits for a KV pull")

@@ -32,7 +32,7 @@ MODEL_TEMPLATES = PROJECT_ROOT / "model_repository"
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "triton-disagg" / "run"
 
 #: The models the server loads at start; workers are loaded after, through model control.
-MODELS = ("kv_transfer", "llm")
+MODELS = ("kv_transfer", "router", "llm")
 
 
 class ServerError(RuntimeError):
@@ -66,8 +66,11 @@ class ServerConfig:
     decode_workers: int = 1
     #: Shortest uncached prompt part (tokens) a decode worker has prefilled on a prefill worker.
     min_remote_prefill_tokens: int = 512
-    #: Prefill requests in flight per prefill worker above which decode workers prefill locally.
-    max_prefills_in_flight: int = 4
+    #: The router's default mode: kv, approx, round_robin or random.
+    routing_mode: str = "kv"
+    #: Prompt tokens queued on a prefill worker above which the router counts it busy (None: never);
+    #: with every prefill worker busy, decode workers prefill locally.
+    prefill_busy_tokens: int | None = None
     #: How long a prefill worker holds a prompt's KV for the decode worker to pull.
     kv_hold_timeout_s: float = 30.0
     #: How long a decode worker waits for a KV pull before prefilling locally.
@@ -192,6 +195,9 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
         "max_num_batched_tokens": str(config.max_num_batched_tokens),
         "max_model_len": "" if config.max_model_len is None else str(config.max_model_len),
     }
+    kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
+    kv_events_dir.mkdir(parents=True, exist_ok=True)
+    engine["kv_events_dir"] = str(kv_events_dir)
     parameters = {
         "prefill": engine | {"kv_hold_timeout_s": str(config.kv_hold_timeout_s)},
         "decode": engine
@@ -199,11 +205,13 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "min_remote_prefill_tokens": str(config.min_remote_prefill_tokens),
             "kv_pull_timeout_s": str(config.kv_pull_timeout_s),
         },
-        "llm": {
-            "model_path": engine["model_path"],
-            "max_model_len": engine["max_model_len"],
+        "llm": {"model_path": engine["model_path"], "max_model_len": engine["max_model_len"]},
+        "router": {
+            "mode": config.routing_mode,
+            "block_size": str(config.block_size),
+            "max_queued_prefill_tokens": "" if config.prefill_busy_tokens is None else str(config.prefill_busy_tokens),
             "http_port": str(config.http_port),
-            "max_prefills_in_flight": str(config.max_prefills_in_flight),
+            "kv_events_dir": str(kv_events_dir),
         },
     }
     for model, values in parameters.items():

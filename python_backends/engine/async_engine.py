@@ -23,7 +23,8 @@ OnError = Callable[[Exception], None]
 
 
 #: How often the loop wakes while only KV holds or pulls are pending (no request running).
-KV_POLL_INTERVAL_S = 0.002
+#: Each wake polls NIXL, which is also what makes its transfers progress.
+KV_POLL_INTERVAL_S = 0.0005
 
 
 @dataclass(slots=True)

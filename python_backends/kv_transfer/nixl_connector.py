@@ -33,7 +33,9 @@ class NixlConnector:
 
         self.agent_name = agent_name
         self.layout = PoolLayout.of_pool(agent_name, kv_pool, model_name)
-        self._agent = nixl_agent(agent_name, nixl_agent_config(backends=list(backends)))
+        # No progress thread: it busy-polls a whole core even when idle. The engine thread
+        # drives progress instead, by polling transfers and notifications while any are pending.
+        self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=list(backends)))
         self._agent.register_memory(
             [(self.layout.base_addr, self.layout.num_blocks * self.layout.block_bytes, self.layout.device_id, "")],
             self.layout.mem_type,

@@ -22,7 +22,7 @@ from python_backends.serving.protocol import (
 )
 from python_backends.serving.settings import LLMSettings
 from python_backends.serving.stop_strings import StopStringMatcher
-from python_backends.serving.worker_pool import RepositoryWatcher, WorkerChoice, WorkerPool
+from python_backends.serving.router_service import Route, RouterClient
 from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor, read_inputs, read_output
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -48,9 +48,7 @@ class LLMService:
     def __init__(self, settings: LLMSettings) -> None:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
-        self.workers = WorkerPool(settings.max_prefills_in_flight)
-        self._watcher = RepositoryWatcher(self.workers, settings.triton_http_url)
-        self._watcher.start()
+        self.router = RouterClient()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -70,24 +68,15 @@ class LLMService:
             self._threads.add(thread)
         thread.start()
 
-    def choose_workers(self) -> WorkerChoice:
-        """Workers for one request; refreshes the live set once if it has no decode worker."""
-        try:
-            return self.workers.choose()
-        except LookupError:
-            self._watcher.refresh()  # a worker loaded since the last poll is found at once
-            return self.workers.choose()
-
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Wait up to `timeout_s` for the requests in flight to finish."""
-        self._watcher.stop()
         deadline = time.monotonic() + timeout_s
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def stream_from_worker(self, choice: WorkerChoice, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def stream_from_worker(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
         inputs = [
             pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
@@ -153,17 +142,17 @@ class _Relay:
         self._is_prefill_done = False
 
     def run(self) -> None:
-        self._choice = self._service.choose_workers()
+        router = self._service.router
+        self._choice = router.route(self._worker_request_id, self._prompt_token_ids, self._request.routing_mode)
         try:
             self._relay()
         finally:
-            self._prefill_done()
-            self._service.workers.request_done(self._choice)
+            router.complete(self._worker_request_id)
 
     def _prefill_done(self) -> None:
         if not self._is_prefill_done:
             self._is_prefill_done = True
-            self._service.workers.prefill_done(self._choice)
+            self._service.router.first_token(self._worker_request_id)
 
     def _relay(self) -> None:
         responses = self._service.stream_from_worker(

@@ -37,6 +37,9 @@ _COUNTER_HELP = {
     "triton_disagg_kv_blocks_pulled_total": "KV blocks a decode worker pulled from prefill workers",
     "triton_disagg_kv_blocks_reused_locally_total": "Prompt blocks a decode worker had cached and did not pull",
     "triton_disagg_prefill_decisions_total": "Where decode workers had prompts prefilled, by reason",
+    "triton_disagg_requests_total": "Requests a worker finished (any outcome)",
+    "triton_disagg_prompt_tokens_total": "Prompt tokens of the requests a worker finished",
+    "triton_disagg_prefix_hit_tokens_total": "Prompt tokens a worker found in its prefix cache",
 }
 
 
@@ -57,6 +60,10 @@ class WorkerMetrics:
         self._handoff = {
             field: self._families[family].Metric(labels=self._labels | extra)
             for field, (family, extra) in _HANDOFF_COUNTERS.items()
+        }
+        self._requests = {
+            name: self._families[name].Metric(labels=self._labels)
+            for name in ("triton_disagg_requests_total", "triton_disagg_prompt_tokens_total", "triton_disagg_prefix_hit_tokens_total")
         }
         self._decisions: dict[str, object] = {}
         self._reported: dict[str, int] = {}
@@ -83,6 +90,13 @@ class WorkerMetrics:
                 if field in self._handoff and value != self._reported.get(field, 0):
                     self._handoff[field].increment(value - self._reported.get(field, 0))
                     self._reported[field] = value
+
+    def count_request(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """Count a finished request and how much of its prompt the prefix cache served."""
+        with self._lock:
+            self._requests["triton_disagg_requests_total"].increment(1)
+            self._requests["triton_disagg_prompt_tokens_total"].increment(num_prompt_tokens)
+            self._requests["triton_disagg_prefix_hit_tokens_total"].increment(num_cached_tokens)
 
     def count_decision(self, reason: str) -> None:
         """Count where a prompt was prefilled and why (`remote`, `local_short_prompt`, ...)."""

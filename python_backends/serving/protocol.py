@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from python_backends.engine.params import InvalidRequest, SamplingParams
+from router.config import RoutingMode
 
 #: max_tokens of an `llm` request that does not set it.
 DEFAULT_MAX_TOKENS = 16
@@ -35,6 +36,7 @@ LLM_INPUT_NAMES = (
     "exclude_input_in_output",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "routing_mode",
 )
 WORKER_INPUT_NAMES = (
     "input_ids",
@@ -63,6 +65,8 @@ class GenerateRequest:
     exclude_input_in_output: bool
     return_num_input_tokens: bool
     return_num_output_tokens: bool
+    #: Overrides the router's mode for this request ("kv", "approx", "round_robin", "random").
+    routing_mode: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +124,7 @@ def parse_generate_request(inputs: Inputs, *, default_max_tokens: int = DEFAULT_
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
         return_num_input_tokens=_bool(inputs, "return_num_input_tokens", False),
         return_num_output_tokens=_bool(inputs, "return_num_output_tokens", False),
+        routing_mode=_routing_mode_name(_decode_utf8("routing_mode", _scalar(inputs, "routing_mode", None))),
     )
 
 
@@ -178,6 +183,23 @@ def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck:
         return HoldCheck(_decode_utf8("check_hold_id", hold_id))
     parsed = parse_worker_request({**inputs, "max_tokens": None})
     return WorkerGenerate(parsed.prompt_token_ids, dataclasses.replace(parsed.params, max_tokens=1))
+
+
+def parse_routing_mode(text: str | None) -> RoutingMode | None:
+    """A request's routing mode; empty or absent keeps the router's configured mode. Raises InvalidRequest."""
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    try:
+        return RoutingMode(text)
+    except ValueError:
+        modes = ", ".join(m.value for m in RoutingMode)
+        raise InvalidRequest(f"routing_mode must be one of {modes}, got {text!r}") from None
+
+
+def _routing_mode_name(text: str | None) -> str | None:
+    mode = parse_routing_mode(text)
+    return None if mode is None else mode.value
 
 
 def _sampling_params(inputs: Inputs, default_max_tokens: int) -> SamplingParams:

@@ -23,10 +23,6 @@ class LLMSettings:
     model_path: Path
     #: Longest prompt + output, in tokens.
     max_model_len: int
-    #: This server's HTTP endpoint; its repository index lists the live prefill/decode workers.
-    triton_http_url: str = "http://localhost:8000"
-    #: Prefill requests in flight per prefill worker above which decode workers prefill locally.
-    max_prefills_in_flight: int = 4
 
     @property
     def tokenizer_path(self) -> Path:
@@ -57,13 +53,7 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
     max_model_len = _optional_int(parameters, "max_model_len")
     if max_model_len is None:
         max_model_len = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 2048)
-    http_port = _optional_int(parameters, "http_port") or 8000
-    return LLMSettings(
-        model_path=model_path,
-        max_model_len=max_model_len,
-        triton_http_url=f"http://localhost:{http_port}",
-        max_prefills_in_flight=_optional_int(parameters, "max_prefills_in_flight") or 4,
-    )
+    return LLMSettings(model_path=model_path, max_model_len=max_model_len)
 
 
 def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":

@@ -15,10 +15,21 @@ from python_backends.engine.params import RequestOutput
 from python_backends.serving.kv_directory import DirectoryClient
 from python_backends.serving.metrics import WorkerMetrics
 from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor
+from router.config import PublisherConfig
+from router.events import WorkerId
+from router.publisher import KVEventPublisher
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 logger = logging.getLogger(__name__)
+
+
+def kv_event_endpoints(kv_events_dir: str, model_name: str) -> tuple[str, str]:
+    """ZeroMQ endpoints of a worker's KV events (PUB) and dumps (REP), derived from its name.
+
+    Routers on the same node find a worker's stream from its model name alone.
+    """
+    return f"ipc://{kv_events_dir}/{model_name}.events", f"ipc://{kv_events_dir}/{model_name}.dump"
 
 
 class EngineService:
@@ -28,7 +39,8 @@ class EngineService:
     worker (new pool, new addresses) is a new peer, never a stale one.
     """
 
-    def __init__(self, config: EngineConfig, model_name: str, use_nixl: bool = True) -> None:
+    def __init__(self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True) -> None:
+        """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none."""
         self.model_name = model_name
         self.agent_name = f"{model_name}-{uuid.uuid4().hex[:8]}"
         factory = None
@@ -39,7 +51,11 @@ class EngineService:
         self.engine = LLMEngine(config, kv_connector_factory=factory)
         self.metrics = WorkerMetrics(model_name, self.engine)
         self.directory = DirectoryClient()
-        self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self.metrics.refresh)
+        self.publisher = None
+        if kv_events_dir:
+            events_endpoint, dump_endpoint = kv_event_endpoints(kv_events_dir, model_name)
+            self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(events_endpoint, dump_endpoint))
+        self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self._after_step)
         self._engine_thread.start()
         self._is_registered = not use_nixl
         self._register_lock = threading.Lock()
@@ -63,6 +79,13 @@ class EngineService:
             except Exception:  # noqa: BLE001 - the directory may not be loaded yet: retried with the next request
                 logger.warning("could not register %s in the KV directory; will retry", self.agent_name, exc_info=True)
 
+    def _after_step(self) -> None:
+        """On the engine thread: publish the step's KV events and metrics."""
+        events = self.engine.block_manager.drain_events()
+        if self.publisher is not None:
+            self.publisher.publish(events)
+        self.metrics.refresh()
+
     @property
     def engine_thread(self) -> EngineThread:
         return self._engine_thread
@@ -78,6 +101,8 @@ class EngineService:
         this incarnation only, and a handle naming it fails its hold check.
         """
         self._engine_thread.stop()
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 class ResponseStream:
@@ -106,6 +131,7 @@ class ResponseStream:
         ]
         if output.finished:
             tensors.append(bytes_tensor("finish_reason", output.finish_reason.value))
+            self._service.metrics.count_request(output.num_prompt_tokens, output.num_cached_tokens)
         tensors.extend(self.extra_tensors(output))
         # A failed send raises into EngineThread, which aborts the request.
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.finished else 0)

@@ -57,6 +57,13 @@ def server(tmp_path_factory, model_path) -> Iterator[TritonServer]:
 
 
 @pytest.fixture(scope="session")
+def two_decoders(tmp_path_factory, model_path) -> Iterator["Client"]:
+    """Two decode workers and no prefill worker, behind the KV router."""
+    with _start(tmp_path_factory, model_path, prefill_workers=0, decode_workers=2) as running:
+        yield Client(running)
+
+
+@pytest.fixture(scope="session")
 def disagg(tmp_path_factory, model_path) -> Iterator["Client"]:
     """A second server whose decode worker has prompts of MIN_REMOTE_TOKENS or more prefilled remotely."""
     with _start(tmp_path_factory, model_path, min_remote_prefill_tokens=MIN_REMOTE_TOKENS, kv_hold_timeout_s=5.0) as running:

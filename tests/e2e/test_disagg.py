@@ -142,8 +142,10 @@ def test_unloading_the_prefill_worker_mid_traffic_loses_no_request(disagg, clien
         control.unload("prefill_0")
         outputs = [job.result() for job in jobs]
         assert outputs == expected
-        # With no prefill worker left, decode prefills everything itself.
-        assert greedy(disagg, prompts[0]) == expected[0]
+    # Once the router's view of the repository has caught up (it polls every second),
+    # no prefill worker is offered and decode prefills everything itself.
+    time.sleep(1.5)
+    assert greedy(disagg, prompts[0]) == expected[0]
     assert decisions(disagg, "local_no_prefill_worker") >= 1
     control.load_worker(Path(disagg.server.run_dir) / "model_repository", "prefill", "prefill_0")
     control.close()

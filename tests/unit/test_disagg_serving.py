@@ -10,8 +10,15 @@ from python_backends.engine.params import InvalidRequest
 from python_backends.kv_transfer.directory import KVDirectory
 from python_backends.kv_transfer.layout import PoolLayout
 from python_backends.serving.disagg import decide_prefill
-from python_backends.serving.protocol import DecodeGenerate, HoldCheck, parse_decode_request, parse_prefill_request
-from python_backends.serving.worker_pool import WorkerChoice, WorkerPool
+from python_backends.serving.protocol import (
+    DecodeGenerate,
+    HoldCheck,
+    parse_decode_request,
+    parse_prefill_request,
+    parse_routing_mode,
+)
+from python_backends.serving.worker_pool import split_workers
+from router.config import RoutingMode
 
 
 def decide(**overrides):
@@ -44,30 +51,19 @@ def test_decide_prefill(overrides, remote, reason):
     assert (decision.remote, decision.reason) == (remote, reason)
 
 
-def test_pool_picks_least_loaded_and_rotates_ties():
-    pool = WorkerPool(max_prefills_in_flight=2)
-    pool.set_live(["llm", "decode_0", "decode_1", "prefill_0", "kv_transfer", "decode"])
-    assert pool.decode_workers == ["decode_0", "decode_1"] and pool.prefill_workers == ["prefill_0"]
-    first, second = pool.choose(), pool.choose()
-    assert {first.decode_worker, second.decode_worker} == {"decode_0", "decode_1"}
-    assert first.prefill_worker == second.prefill_worker == "prefill_0"
-    third = pool.choose()  # prefill_0 has 2 in flight: the pool is saturated
-    assert third == WorkerChoice(third.decode_worker, None, True)
-    pool.prefill_done(first)
-    assert pool.choose().prefill_worker == "prefill_0"
+def test_split_workers_keeps_numbered_prefill_and_decode_models():
+    names = ["llm", "decode_1", "prefill_0", "kv_transfer", "decode", "decode_0", "router", "prefill"]
+    assert split_workers(names) == (["prefill_0"], ["decode_0", "decode_1"])
 
 
-def test_pool_keeps_counts_across_refreshes_and_drops_gone_workers():
-    pool = WorkerPool()
-    pool.set_live(["decode_0", "decode_1"])
-    busy = pool.choose()
-    pool.set_live(["decode_0", "decode_1", "decode_2"])
-    idle = {pool.choose().decode_worker for _ in range(2)}
-    assert busy.decode_worker not in idle
-    pool.set_live([])
-    with pytest.raises(LookupError, match="no decode worker is ready"):
-        pool.choose()
-    pool.request_done(busy)  # a worker that left: ignored
+@pytest.mark.parametrize("text, mode", [(None, None), ("", None), (" Round_Robin ", RoutingMode.ROUND_ROBIN)])
+def test_parse_routing_mode(text, mode):
+    assert parse_routing_mode(text) == mode
+
+
+def test_unknown_routing_mode_names_the_choices():
+    with pytest.raises(InvalidRequest, match="routing_mode must be one of kv, approx, round_robin, random"):
+        parse_routing_mode("fastest")
 
 
 def layout(name: str) -> PoolLayout:

@@ -66,12 +66,18 @@ def prefill_remotely(prefill: LLMEngine, request_id: str, prompt: list[int]) -> 
                 return RemoteKV(KVHandle.decode(handle.encode()), out.new_token_ids[0])
 
 
-def decode_remotely(decode: LLMEngine, request_id: str, prompt: list[int], remote: RemoteKV, max_tokens: int) -> list[int]:
+def decode_remotely(
+    decode: LLMEngine, request_id: str, prompt: list[int], remote: RemoteKV, max_tokens: int, prefill: LLMEngine | None = None
+) -> list[int]:
+    """Decode a remotely prefilled prompt. The prefill engine steps alongside, as its own thread would:
+    NIXL makes progress (serves the READ, delivers the release) only when its agent is polled."""
     decode.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), remote_kv=remote)
     tokens = [remote.first_token_id]
     while decode.has_unfinished_requests():
         for out in decode.step():
             tokens += out.new_token_ids
+        if prefill is not None:
+            prefill.step()
     return tokens
 
 
@@ -98,7 +104,7 @@ def test_disaggregated_equals_aggregated(pair, tiny_model):
     expected = make_engine(tiny_model).generate(batch, GREEDY)
     for i, prompt in enumerate(batch):
         remote = prefill_remotely(prefill, f"r{i}", prompt)
-        assert decode_remotely(decode, f"r{i}", prompt, remote, 24) == expected[i]
+        assert decode_remotely(decode, f"r{i}", prompt, remote, 24, prefill) == expected[i]
     stats = decode.handoff.stats
     assert (stats.pulls_done, stats.pulls_fallback) == (5, 0)
     # Requests 3-5 share a 64-token (4-block) prefix that decode cached from request 3.
@@ -117,6 +123,7 @@ def test_pulled_kv_bytes_equal_what_prefill_computed(pair):
     decode.add_request("r", prompt, GREEDY, remote_kv=remote)
     while decode.handoff.stats.pulls_done == 0:
         decode.step()
+        prefill.step()
     decode_blocks = decode._seqs["r"].block_ids
     assert prompt_kv_digest(decode, decode_blocks, len(prompt)) == prompt_kv_digest(prefill, remote.handle.block_ids, len(prompt))
 
@@ -127,9 +134,9 @@ def test_pull_failure_falls_back_to_local_prefill(pair, tiny_model):
     expected = make_engine(tiny_model).generate([prompt], GREEDY)[0]
     remote = prefill_remotely(prefill, "r", prompt)
     forged = KVHandle(remote.handle.agent_name, "r", (60, 61, 999), remote.handle.block_hashes, 40, BLOCK_SIZE)
-    assert decode_remotely(decode, "a", prompt, RemoteKV(forged, remote.first_token_id), 24) == expected
+    assert decode_remotely(decode, "a", prompt, RemoteKV(forged, remote.first_token_id), 24, prefill) == expected
     unknown = KVHandle("no-such-agent", "r", remote.handle.block_ids, remote.handle.block_hashes, 40, BLOCK_SIZE)
-    assert decode_remotely(decode, "b", prompt, RemoteKV(unknown, remote.first_token_id), 24) == expected
+    assert decode_remotely(decode, "b", prompt, RemoteKV(unknown, remote.first_token_id), 24, prefill) == expected
     assert decode.handoff.stats.pulls_fallback == 2
     assert decode.block_manager.num_free_blocks == NUM_BLOCKS
     drain_holds(prefill)  # the fallback still told prefill to release
@@ -144,7 +151,7 @@ def test_prefill_worker_gone_mid_request_falls_back(tiny_model):
     remote = prefill_remotely(prefill, "r", prompt)
     decode.kv_connector._apply_incoming()
     decode.kv_connector.forget_peer(remote.handle.agent_name)  # as when the prefill model is unloaded
-    assert decode_remotely(decode, "r", prompt, remote, 24) == expected
+    assert decode_remotely(decode, "r", prompt, remote, 24, prefill) == expected
     assert decode.handoff.stats.pulls_fallback == 1
 
 
@@ -167,6 +174,7 @@ def test_abort_while_pulling_frees_blocks_on_both_sides(pair):
     assert decode.abort_request("r")
     while decode.needs_polling() or decode.has_unfinished_requests():
         decode.step()
+        prefill.step()
     drain_holds(prefill)
     assert decode.block_manager.num_free_blocks == NUM_BLOCKS
     assert prefill.block_manager.num_free_blocks == NUM_BLOCKS

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from python_backends.serving.settings import engine_config, llm_settings, min_remote_prefill_tokens, model_parameters
+from router.config import RouterConfig, RoutingMode
 from tools.model_control import Placement, worker_config
 from tools.launcher import (
     ServerConfig,
@@ -54,7 +55,7 @@ def test_render_model_repository(tmp_path):
     model = fake_checkpoint(tmp_path / "model")
     config = ServerConfig(model_path=model, run_dir=tmp_path, block_size=8, num_blocks=64, llm_instances=3)
     repository = render_model_repository(config, tmp_path / "repo")
-    assert sorted(p.name for p in repository.iterdir()) == ["decode", "kv_transfer", "llm", "prefill"]
+    assert sorted(p.name for p in repository.iterdir()) == ["decode", "kv_transfer", "llm", "prefill", "router"]
     assert (repository / "llm" / "1" / "model.py").is_file()
     llm = (repository / "llm" / "config.pbtxt").read_text()
     assert "count: 3 kind: KIND_CPU" in llm
@@ -76,7 +77,10 @@ def test_rendered_parameters_parse_into_settings(tmp_path):
     assert min_remote_prefill_tokens(decode_parameters) == 512
     assert engine_config(_parameters_of(repository / "prefill" / "config.pbtxt")).kv_hold_timeout_s == 30.0
     llm = llm_settings(_parameters_of(repository / "llm" / "config.pbtxt"))
-    assert (llm.model_path, llm.max_model_len, llm.triton_http_url) == (model, 1024, "http://localhost:8000")
+    assert (llm.model_path, llm.max_model_len) == (model, 1024)
+    router = RouterConfig.from_mapping(_parameters_of(repository / "router" / "config.pbtxt"))
+    assert (router.mode, router.block_size) == (RoutingMode.KV, 8)
+    assert decode_parameters["kv_events_dir"] == str(tmp_path.resolve() / "kv_events")
 
 
 def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):

@@ -15,7 +15,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the decode model streams its tokens: set decoupled: true")
         parameters = model_parameters(model_config)
         self._service = DecodeService(
-            engine_config(parameters), args["model_name"], min_remote_tokens=min_remote_prefill_tokens(parameters)
+            engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""), min_remote_tokens=min_remote_prefill_tokens(parameters)
         )
 
     def execute(self, requests):

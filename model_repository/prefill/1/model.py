@@ -13,7 +13,8 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the prefill model must be decoupled: set decoupled: true")
-        self._service = PrefillService(engine_config(model_parameters(model_config)), args["model_name"])
+        parameters = model_parameters(model_config)
+        self._service = PrefillService(engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""))
 
     def execute(self, requests):
         for request in requests:

@@ -1,0 +1,23 @@
+"""Triton model `router`: KV-aware worker choice; see python_backends/serving/router_service.py."""
+
+import json
+
+from python_backends.serving.router_service import RouterService
+from python_backends.serving.settings import model_parameters
+from router.config import RouterConfig
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(json.loads(args["model_config"]))
+        self._service = RouterService(
+            RouterConfig.from_mapping(parameters),
+            http_url=f"http://localhost:{parameters.get('http_port') or 8000}",
+            kv_events_dir=parameters.get("kv_events_dir", ""),
+        )
+
+    def execute(self, requests):
+        return [self._service.execute(request) for request in requests]
+
+    def finalize(self):
+        self._service.shutdown()

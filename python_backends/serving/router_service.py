@@ -1,0 +1,167 @@
+"""The `router` model: KV-aware choice of prefill and decode workers for each request.
+
+One instance holds the router state: a prefix index fed by every worker's KV
+events (ZeroMQ), the load it routed, and the live worker set from Triton's
+repository index (workers that load or unload join or leave; the state of
+the others survives). `llm` asks it three things per request: where to go
+(`route`), that the first token arrived (`first_token`), and that it ended
+(`complete`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backends.engine.params import InvalidRequest
+from python_backends.serving.protocol import parse_routing_mode
+from python_backends.serving.triton_io import bytes_tensor, error_response, read_inputs
+from python_backends.serving.worker import kv_event_endpoints
+from python_backends.serving.worker_pool import RepositoryWatcher, split_workers
+from router.config import RouterConfig, RoutingMode
+from router.events import WorkerId
+from router.hashing import hash_request_tokens
+from router.selection import KvRouter, NoWorkerAvailable, RouteRequest
+from router.subscriber import KVEventSubscriber
+
+ROUTER_MODEL = "router"
+ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode")
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    decode_worker: str
+    prefill_worker: str | None  # None: no prefill worker is live, or all are busy
+    prefill_pool_saturated: bool
+    overlap_blocks: int  # prompt blocks the decode worker holds, as far as the router knows
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig, http_url: str, kv_events_dir: str) -> None:
+        self.config = config
+        self.router = KvRouter(config)
+        self._kv_events_dir = kv_events_dir
+        self._subscriber = KVEventSubscriber(self.router.index) if kv_events_dir else None
+        self._lock = self._subscriber.lock if self._subscriber else threading.Lock()
+        self._prefill: list[WorkerId] = []
+        self._decode: list[WorkerId] = []
+        self._watcher = RepositoryWatcher(http_url, self._on_live)
+        self._watcher.start()
+
+    def route(self, request_id: str, prompt_token_ids: list[int], mode: RoutingMode | None) -> Route:
+        """Choose workers and count the request on them. Raises LookupError when no decode worker can take it."""
+        if not self._decode:
+            self._watcher.refresh()  # a worker loaded since the last poll is found at once
+        request = RouteRequest(
+            request_id, tuple(hash_request_tokens(prompt_token_ids, self.config.block_size)), len(prompt_token_ids), mode
+        )
+        now = time.monotonic()
+        with self._lock:
+            saturated = False
+            if self._prefill:
+                try:
+                    self.router.select(request, now, self._prefill)
+                    pair = self.router.route_pair(request, now, self._prefill, self._decode)
+                    return Route(pair.decode.worker_id, pair.prefill.worker_id, False, pair.decode.overlap_blocks)
+                except NoWorkerAvailable:
+                    saturated = True  # every prefill worker is busy: decode workers prefill locally
+            try:
+                decision = self.router.route(request, now, self._decode)
+            except NoWorkerAvailable as exc:
+                raise LookupError(f"no decode worker can take the request: {exc}") from None
+            return Route(decision.worker_id, None, saturated, decision.overlap_blocks)
+
+    def on_first_token(self, request_id: str) -> None:
+        with self._lock:
+            self.router.on_first_token(request_id)
+
+    def on_complete(self, request_id: str) -> None:
+        with self._lock:
+            self.router.on_complete(request_id)
+
+    def execute(self, request) -> "pb_utils.InferenceResponse":
+        try:
+            inputs = read_inputs(request, ROUTER_INPUT_NAMES)
+            action = bytes(inputs["action"].reshape(-1)[0]).decode()
+            request_id = bytes(inputs["request_id"].reshape(-1)[0]).decode()
+            if action == "first_token":
+                self.on_first_token(request_id)
+                return pb_utils.InferenceResponse(output_tensors=[])
+            if action == "complete":
+                self.on_complete(request_id)
+                return pb_utils.InferenceResponse(output_tensors=[])
+            if action != "route":
+                raise InvalidRequest(f"action must be route, first_token or complete, got {action!r}")
+            mode = inputs["routing_mode"]
+            mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
+            route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)
+            return pb_utils.InferenceResponse(
+                output_tensors=[
+                    bytes_tensor("decode_worker", route.decode_worker),
+                    bytes_tensor("prefill_worker", route.prefill_worker or ""),
+                    pb_utils.Tensor("prefill_pool_saturated", np.array([route.prefill_pool_saturated], dtype=np.bool_)),
+                    pb_utils.Tensor("overlap_blocks", np.array([route.overlap_blocks], dtype=np.int32)),
+                ]
+            )
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error; the router keeps serving
+            return error_response(exc)
+
+    def shutdown(self) -> None:
+        self._watcher.stop()
+        if self._subscriber is not None:
+            self._subscriber.close()
+
+    def _on_live(self, model_names: list[str]) -> None:
+        prefill, decode = split_workers(model_names)
+        with self._lock:
+            added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
+            self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
+        if self._subscriber is not None:
+            for worker_id in removed:
+                self._subscriber.remove_worker(worker_id)
+            for worker_id in added:
+                self._subscriber.add_worker(worker_id, *kv_event_endpoints(self._kv_events_dir, worker_id))
+
+
+class RouterClient:
+    """`llm`'s side: calls the `router` model through BLS."""
+
+    def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
+        inputs = [
+            bytes_tensor("action", "route"),
+            bytes_tensor("request_id", request_id),
+            pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
+        ]
+        if routing_mode:
+            inputs.append(bytes_tensor("routing_mode", routing_mode))
+        response = self._call(inputs, ["decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks"])
+        output = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0] for name in
+                  ("decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks")}
+        return Route(
+            decode_worker=output["decode_worker"].decode(),
+            prefill_worker=output["prefill_worker"].decode() or None,
+            prefill_pool_saturated=bool(output["prefill_pool_saturated"]),
+            overlap_blocks=int(output["overlap_blocks"]),
+        )
+
+    def first_token(self, request_id: str) -> None:
+        self._call([bytes_tensor("action", "first_token"), bytes_tensor("request_id", request_id)], [])
+
+    def complete(self, request_id: str) -> None:
+        self._call([bytes_tensor("action", "complete"), bytes_tensor("request_id", request_id)], [])
+
+    @staticmethod
+    def _call(inputs, output_names):
+        response = pb_utils.InferenceRequest(model_name=ROUTER_MODEL, inputs=inputs, requested_output_names=output_names).exec()
+        if response.has_error():
+            error = response.error()
+            if error.code() == pb_utils.TritonError.INVALID_ARG:
+                raise InvalidRequest(error.message())
+            if error.code() == pb_utils.TritonError.UNAVAILABLE:
+                raise LookupError(error.message())
+            raise RuntimeError(f"router: {error.message()}")
+        return response
