@@ -54,7 +54,14 @@ from router.events import (
 from router.index import PrefixIndex
 from router.selection import KvRouter, RouteRequest
 from router.subscriber import EventStreams
-from tools.replay_trace import DEFAULT_TRACE, REPO_ROOT, TRACE_BLOCK_TOKENS, SimWorker, TraceRequest, load_trace
+from tools.replay_trace import (
+    DEFAULT_TRACE,
+    REPO_ROOT,
+    TRACE_BLOCK_TOKENS,
+    SimWorker,
+    TraceRequest,
+    load_trace,
+)
 
 
 @dataclass(slots=True, frozen=True)

@@ -28,7 +28,14 @@ from python_backends.serving.protocol import (
     WorkerAbort,
     parse_decode_request,
 )
-from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor, read_inputs, read_output
+from python_backends.serving.triton_io import (
+    bytes_tensor,
+    error_response,
+    int32_tensor,
+    prompt_tensors,
+    read_inputs,
+    read_output,
+)
 from python_backends.serving.worker import FINAL, EngineService, ResponseStream
 from router.hashing import hash_request_tokens
 
@@ -133,19 +140,9 @@ class DecodeService(EngineService):
                 super().abort(request_id)
 
     def _call_prefill(self, parsed: DecodeGenerate) -> _PrefillResult:
-        params = parsed.params
-        inputs = [
-            pb_utils.Tensor("input_ids", np.array(parsed.prompt_token_ids, dtype=np.int32)),
-            pb_utils.Tensor("temperature", np.array([params.temperature], dtype=np.float32)),
-            pb_utils.Tensor("top_k", np.array([params.top_k], dtype=np.int32)),
-            pb_utils.Tensor("top_p", np.array([params.top_p], dtype=np.float32)),
-            pb_utils.Tensor("ignore_eos", np.array([params.ignore_eos], dtype=np.bool_)),
-        ]
-        if params.seed is not None:
-            inputs.append(pb_utils.Tensor("seed", np.array([params.seed], dtype=np.uint64)))
         request = pb_utils.InferenceRequest(
             model_name=parsed.prefill_worker,
-            inputs=inputs,
+            inputs=prompt_tensors(parsed.prompt_token_ids, parsed.params, with_max_tokens=False),
             requested_output_names=["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"],
             request_id=uuid.uuid4().hex,
         )

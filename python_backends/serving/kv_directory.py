@@ -9,7 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from python_backends.kv_transfer.directory import KVDirectory
 from python_backends.kv_transfer.layout import PoolLayout
-from python_backends.serving.triton_io import bytes_tensor, error_response, read_inputs, read_output
+from python_backends.serving.triton_io import (
+    bytes_tensor,
+    error_response,
+    read_inputs,
+    read_output,
+)
 
 logger = logging.getLogger(__name__)
 

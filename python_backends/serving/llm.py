@@ -20,10 +20,17 @@ from python_backends.serving.protocol import (
     check_context_window,
     parse_generate_request,
 )
+from python_backends.serving.router_service import Route, RouterClient
 from python_backends.serving.settings import LLMSettings
 from python_backends.serving.stop_strings import StopStringMatcher
-from python_backends.serving.router_service import Route, RouterClient
-from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor, read_inputs, read_output
+from python_backends.serving.triton_io import (
+    bytes_tensor,
+    error_response,
+    int32_tensor,
+    prompt_tensors,
+    read_inputs,
+    read_output,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -78,16 +85,7 @@ class LLMService:
 
     def stream_from_worker(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
-        inputs = [
-            pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
-            pb_utils.Tensor("max_tokens", np.array([params.max_tokens], dtype=np.int32)),
-            pb_utils.Tensor("temperature", np.array([params.temperature], dtype=np.float32)),
-            pb_utils.Tensor("top_k", np.array([params.top_k], dtype=np.int32)),
-            pb_utils.Tensor("top_p", np.array([params.top_p], dtype=np.float32)),
-            pb_utils.Tensor("ignore_eos", np.array([params.ignore_eos], dtype=np.bool_)),
-        ]
-        if params.seed is not None:
-            inputs.append(pb_utils.Tensor("seed", np.array([params.seed], dtype=np.uint64)))
+        inputs = prompt_tensors(prompt_token_ids, params)
         if choice.prefill_worker is not None:
             inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
         if choice.prefill_pool_saturated:

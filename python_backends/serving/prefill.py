@@ -9,7 +9,11 @@ import triton_python_backend_utils as pb_utils
 
 from python_backends.engine.params import RequestOutput
 from python_backends.kv_transfer.handle import KVHandle
-from python_backends.serving.protocol import PREFILL_INPUT_NAMES, HoldCheck, parse_prefill_request
+from python_backends.serving.protocol import (
+    PREFILL_INPUT_NAMES,
+    HoldCheck,
+    parse_prefill_request,
+)
 from python_backends.serving.triton_io import error_response, read_inputs
 from python_backends.serving.worker import FINAL, EngineService, ResponseStream
 

@@ -9,7 +9,7 @@ import pytest
 from python_backends.engine.block_manager import BlockManager
 from python_backends.engine.params import SamplingParams
 from python_backends.engine.sequence import Sequence
-from router.events import AllCleared, BlockRemoved, BlockStored
+from router.events import AllCleared, BlockStored
 from router.hashing import hash_request_tokens
 
 BLOCK_SIZE = 4

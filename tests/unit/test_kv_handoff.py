@@ -8,7 +8,6 @@ import time
 import uuid
 
 import msgpack
-
 import pytest
 import torch
 
