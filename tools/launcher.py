@@ -211,6 +211,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "block_size": str(config.block_size),
             "max_queued_prefill_tokens": "" if config.prefill_busy_tokens is None else str(config.prefill_busy_tokens),
             "http_port": str(config.http_port),
+            "metrics_port": str(config.metrics_port),
             "kv_events_dir": str(kv_events_dir),
         },
     }

@@ -21,6 +21,7 @@ _GAUGES = {
     "triton_disagg_kv_held_blocks": "KV blocks a prefill worker holds for decode workers to pull",
     "triton_disagg_running_requests": "Requests in the worker's running batch",
     "triton_disagg_waiting_requests": "Requests queued in the worker",
+    "triton_disagg_waiting_prompt_tokens": "Prompt tokens queued in the worker, not yet prefilled",
 }
 #: Handoff counters by `HandoffStats` field.
 _HANDOFF_COUNTERS = {
@@ -80,6 +81,7 @@ class WorkerMetrics:
             "triton_disagg_kv_held_blocks": engine.handoff.num_held_blocks,
             "triton_disagg_running_requests": len(engine.scheduler.running),
             "triton_disagg_waiting_requests": len(engine.scheduler.waiting),
+            "triton_disagg_waiting_prompt_tokens": sum(seq.num_uncomputed_tokens for seq in engine.scheduler.waiting),
         }
         with self._lock:
             for name, value in values.items():

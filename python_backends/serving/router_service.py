@@ -10,23 +10,27 @@ the others survives). `llm` asks it three things per request: where to go
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import requests
 import triton_python_backend_utils as pb_utils
 
 from python_backends.engine.params import InvalidRequest
 from python_backends.serving.protocol import parse_routing_mode
 from python_backends.serving.triton_io import bytes_tensor, error_response, read_inputs
 from python_backends.serving.worker import kv_event_endpoints
-from python_backends.serving.worker_pool import RepositoryWatcher, split_workers
+from python_backends.serving.worker_pool import RepositoryWatcher, split_workers, worker_loads
 from router.config import RouterConfig, RoutingMode
 from router.events import WorkerId
 from router.hashing import hash_request_tokens
 from router.selection import KvRouter, NoWorkerAvailable, RouteRequest
 from router.subscriber import KVEventSubscriber
+
+logger = logging.getLogger(__name__)
 
 ROUTER_MODEL = "router"
 ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode")
@@ -41,8 +45,11 @@ class Route:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, http_url: str, kv_events_dir: str) -> None:
+    def __init__(self, config: RouterConfig, http_url: str, kv_events_dir: str, metrics_url: str = "") -> None:
+        """`metrics_url`: the server's metrics page, whose worker load reports refresh the router's view."""
         self.config = config
+        self._metrics_url = metrics_url
+        self._session = requests.Session()
         self.router = KvRouter(config)
         self._kv_events_dir = kv_events_dir
         self._subscriber = KVEventSubscriber(self.router.index) if kv_events_dir else None
@@ -116,10 +123,20 @@ class RouterService:
             self._subscriber.close()
 
     def _on_live(self, model_names: list[str]) -> None:
+        """Every poll: follow workers that loaded or unloaded, and take in their load reports."""
         prefill, decode = split_workers(model_names)
+        loads = {}
+        if self._metrics_url:
+            try:
+                loads = worker_loads(self._session.get(self._metrics_url, timeout=5).text)
+            except requests.RequestException as exc:
+                logger.warning("could not read worker loads from %s: %s", self._metrics_url, exc)
         with self._lock:
             added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
             self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
+            for worker_id in self.router.worker_ids:
+                if worker_id in loads:
+                    self.router.refresh_metrics(worker_id, loads[worker_id])
         if self._subscriber is not None:
             for worker_id in removed:
                 self._subscriber.remove_worker(worker_id)

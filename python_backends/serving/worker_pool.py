@@ -1,7 +1,7 @@
 """Which prefill and decode workers are live: Triton's repository index is the registry.
 
-`split_workers` is the pure part; `RepositoryWatcher` polls the local
-server's index and hands the READY model names to a callback.
+`split_workers` and `worker_loads` are the pure parts; `RepositoryWatcher`
+polls the local server's index and hands the READY model names to a callback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import requests
 
+from router.selection import WorkerMetrics
+
 logger = logging.getLogger(__name__)
 
 PREFILL_NAME = re.compile(r"^prefill_\d+$")
@@ -23,6 +25,30 @@ def split_workers(model_names: list[str]) -> tuple[list[str], list[str]]:
     """(prefill workers, decode workers) among `model_names`, sorted; templates and other models ignored."""
     names = sorted(model_names)
     return [n for n in names if PREFILL_NAME.match(n)], [n for n in names if DECODE_NAME.match(n)]
+
+
+_SERIES = re.compile(r'^(triton_disagg_\w+)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.MULTILINE)
+
+
+def worker_loads(prometheus_text: str) -> dict[str, WorkerMetrics]:
+    """Each worker's own load report from the server's metrics page.
+
+    Active decode blocks are the blocks its requests hold (pool minus free);
+    queued prefill tokens are the prompt tokens waiting in its queue.
+    """
+    values: dict[str, dict[str, float]] = {}
+    for name, model, value in _SERIES.findall(prometheus_text):
+        values.setdefault(model, {})[name] = float(value)
+    loads = {}
+    for model, series in values.items():
+        if "triton_disagg_kv_blocks" in series and "triton_disagg_kv_free_blocks" in series:
+            capacity = int(series["triton_disagg_kv_blocks"])
+            loads[model] = WorkerMetrics(
+                active_decode_blocks=capacity - int(series["triton_disagg_kv_free_blocks"]),
+                queued_prefill_tokens=int(series.get("triton_disagg_waiting_prompt_tokens", 0)),
+                capacity_blocks=capacity,
+            )
+    return loads
 
 
 class RepositoryWatcher:

@@ -17,8 +17,9 @@ from python_backends.serving.protocol import (
     parse_prefill_request,
     parse_routing_mode,
 )
-from python_backends.serving.worker_pool import split_workers
+from python_backends.serving.worker_pool import split_workers, worker_loads
 from router.config import RoutingMode
+from router.selection import WorkerMetrics
 
 
 def decide(**overrides):
@@ -104,3 +105,21 @@ def test_parse_prefill_request_samples_one_token_or_checks_a_hold():
     parsed = parse_prefill_request({"input_ids": np.array([1, 2], dtype=np.int32), "temperature": np.array([0.5])})
     assert parsed.params.max_tokens == 1 and parsed.params.temperature == 0.5
     assert parse_prefill_request({"check_hold_id": np.array([b"h1"], dtype=np.object_)}) == HoldCheck("h1")
+
+
+def test_worker_loads_from_the_metrics_page():
+    page = "\n".join(
+        [
+            "# HELP triton_disagg_kv_blocks KV blocks in the worker's pool",
+            'triton_disagg_kv_blocks{model="decode_0"} 256',
+            'triton_disagg_kv_free_blocks{model="decode_0"} 200',
+            'triton_disagg_waiting_prompt_tokens{model="decode_0"} 48',
+            'triton_disagg_kv_blocks{model="prefill_0"} 128',
+            'triton_disagg_kv_free_blocks{model="prefill_0"} 128',
+            'nv_inference_count{model="llm",version="1"} 3',
+        ]
+    )
+    assert worker_loads(page) == {
+        "decode_0": WorkerMetrics(active_decode_blocks=56, queued_prefill_tokens=48, capacity_blocks=256),
+        "prefill_0": WorkerMetrics(active_decode_blocks=0, queued_prefill_tokens=0, capacity_blocks=128),
+    }

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from python_backends.serving.settings import engine_config, llm_settings, min_remote_prefill_tokens, model_parameters
+from python_backends.serving.settings import (
+    engine_config,
+    llm_settings,
+    min_remote_prefill_tokens,
+    model_parameters,
+)
 from router.config import RouterConfig, RoutingMode
-from tools.model_control import Placement, worker_config
 from tools.launcher import (
     ServerConfig,
     find_tritonserver,
@@ -17,6 +21,7 @@ from tools.launcher import (
     set_instance_count,
     set_parameter,
 )
+from tools.model_control import Placement, worker_config
 
 PBTXT = """\
 instance_group [ { count: 2 kind: KIND_CPU } ]

@@ -14,6 +14,7 @@ class TritonPythonModel:
             RouterConfig.from_mapping(parameters),
             http_url=f"http://localhost:{parameters.get('http_port') or 8000}",
             kv_events_dir=parameters.get("kv_events_dir", ""),
+            metrics_url=f"http://localhost:{parameters['metrics_port']}/metrics" if parameters.get("metrics_port") else "",
         )
 
     def execute(self, requests):
