@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 from python_backends.engine.kv_connector import RemoteKV
 from python_backends.engine.llm_engine import LLMEngine
-from python_backends.engine.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams
+from python_backends.engine.params import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,12 @@ from python_backends.engine.kv_connector import KVConnector, RemoteKV
 from python_backends.engine.kv_handoff import KVHandoff
 from python_backends.engine.loader import load_model
 from python_backends.engine.model_runner import ModelRunner, kv_bytes_per_block
-from python_backends.engine.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams
+from python_backends.engine.params import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+)
 from python_backends.engine.sampler import sample
 from python_backends.engine.scheduler import Scheduler
 from python_backends.engine.sequence import Sequence, SequenceStatus

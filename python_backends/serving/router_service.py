@@ -20,10 +20,14 @@ import requests
 import triton_python_backend_utils as pb_utils
 
 from python_backends.engine.params import InvalidRequest
+from python_backends.serving.live_workers import (
+    RepositoryWatcher,
+    kv_event_endpoints,
+    split_workers,
+    worker_loads,
+)
 from python_backends.serving.protocol import parse_routing_mode
 from python_backends.serving.triton_io import bytes_tensor, error_response, read_inputs
-from python_backends.serving.worker import kv_event_endpoints
-from python_backends.serving.worker_pool import RepositoryWatcher, split_workers, worker_loads
 from router.config import RouterConfig, RoutingMode
 from router.events import WorkerId
 from router.hashing import hash_request_tokens

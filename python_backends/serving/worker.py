@@ -13,6 +13,7 @@ from python_backends.engine.config import EngineConfig
 from python_backends.engine.llm_engine import LLMEngine
 from python_backends.engine.params import RequestOutput
 from python_backends.serving.kv_directory import DirectoryClient
+from python_backends.serving.live_workers import kv_event_endpoints
 from python_backends.serving.metrics import WorkerMetrics
 from python_backends.serving.triton_io import bytes_tensor, error_response, int32_tensor
 from router.config import PublisherConfig
@@ -22,14 +23,6 @@ from router.publisher import KVEventPublisher
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 logger = logging.getLogger(__name__)
-
-
-def kv_event_endpoints(kv_events_dir: str, model_name: str) -> tuple[str, str]:
-    """ZeroMQ endpoints of a worker's KV events (PUB) and dumps (REP), derived from its name.
-
-    Routers on the same node find a worker's stream from its model name alone.
-    """
-    return f"ipc://{kv_events_dir}/{model_name}.events", f"ipc://{kv_events_dir}/{model_name}.dump"
 
 
 class EngineService:

@@ -10,6 +10,7 @@ from python_backends.engine.params import InvalidRequest
 from python_backends.kv_transfer.directory import KVDirectory
 from python_backends.kv_transfer.layout import PoolLayout
 from python_backends.serving.disagg import decide_prefill
+from python_backends.serving.live_workers import split_workers, worker_loads
 from python_backends.serving.protocol import (
     DecodeGenerate,
     HoldCheck,
@@ -17,7 +18,6 @@ from python_backends.serving.protocol import (
     parse_prefill_request,
     parse_routing_mode,
 )
-from python_backends.serving.worker_pool import split_workers, worker_loads
 from router.config import RoutingMode
 from router.selection import WorkerMetrics
 

@@ -1,7 +1,9 @@
-"""Which prefill and decode workers are live: Triton's repository index is the registry.
+"""Which prefill and decode workers are live, where their KV events are, what load they report.
 
-`split_workers` and `worker_loads` are the pure parts; `RepositoryWatcher`
-polls the local server's index and hands the READY model names to a callback.
+Triton's repository index is the registry of live workers. `split_workers`,
+`kv_event_endpoints` and `worker_loads` are pure; `RepositoryWatcher` polls
+the local server's index and hands the READY model names to a callback.
+No torch here: the `llm` and `router` models import this module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ def split_workers(model_names: list[str]) -> tuple[list[str], list[str]]:
     """(prefill workers, decode workers) among `model_names`, sorted; templates and other models ignored."""
     names = sorted(model_names)
     return [n for n in names if PREFILL_NAME.match(n)], [n for n in names if DECODE_NAME.match(n)]
+
+
+def kv_event_endpoints(kv_events_dir: str, model_name: str) -> tuple[str, str]:
+    """ZeroMQ endpoints of a worker's KV events (PUB) and dumps (REP), derived from its name.
+
+    Routers on the same node find a worker's stream from its model name alone.
+    """
+    return f"ipc://{kv_events_dir}/{model_name}.events", f"ipc://{kv_events_dir}/{model_name}.dump"
 
 
 _SERIES = re.compile(r'^(triton_disagg_\w+)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.MULTILINE)
