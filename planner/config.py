@@ -1,0 +1,152 @@
+"""Typed settings of the planner.
+
+One frozen object, validated on construction: a bad setting raises ValueError
+naming the setting and how to fix it. Defaults run on a laptop (CPU workers,
+one device each, a budget of 8 devices).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+#: Device kinds a profile can be taken on and a worker pinned to.
+KNOWN_DEVICE_KINDS: tuple[str, ...] = ("cpu", "a100", "h100", "h200", "b200", "l40s")
+
+
+class PlannerPolicy(str, enum.Enum):
+    """How the planner sizes the pools."""
+
+    #: React to the prefill queue and the decode KV usage, with hysteresis.
+    LOAD = "load"
+    #: Predict the next interval's load and size the pools from profile data to meet TTFT and ITL targets.
+    SLO = "slo"
+
+
+class PredictorKind(str, enum.Enum):
+    """How the SLO policy predicts the next interval's request rate and lengths."""
+
+    #: The last interval's value.
+    CONSTANT = "constant"
+    #: The mean of the last `moving_average_window` intervals.
+    MOVING_AVERAGE = "moving_average"
+    #: Holt's double exponential smoothing: level plus trend.
+    HOLT = "holt"
+
+
+@dataclass(slots=True, frozen=True)
+class PlannerConfig:
+    """Targets, pool limits, budget, damping and prediction of the planner."""
+
+    policy: PlannerPolicy = PlannerPolicy.SLO
+    #: Time-to-first-token target, milliseconds (SLO policy).
+    ttft_ms: float = 2000.0
+    #: Inter-token latency target, milliseconds (SLO policy).
+    itl_ms: float = 50.0
+    #: Seconds between two ticks; observations cover one interval.
+    adjustment_interval_s: float = 30.0
+    min_prefill_workers: int = 1
+    max_prefill_workers: int = 8
+    min_decode_workers: int = 1
+    max_decode_workers: int = 8
+    #: Devices all workers together may hold.
+    device_budget: int = 8
+    #: Devices one prefill worker holds (tensor parallelism).
+    devices_per_prefill_worker: int = 1
+    #: Devices one decode worker holds.
+    devices_per_decode_worker: int = 1
+    #: Kind of device the workers run on; must match the profile's.
+    device_kind: str = "cpu"
+    #: Seconds after a pool changed before it may grow again.
+    scale_up_cooldown_s: float = 0.0
+    #: Seconds after a pool changed before it may shrink (longer than up: shrinking too early costs SLOs).
+    scale_down_cooldown_s: float = 120.0
+    #: Seconds a new worker is in grace: it counts toward its pool, but its pool is not shrunk,
+    #: and the load policy does not grow it, since its metrics do not show the new capacity yet.
+    grace_period_s: float = 30.0
+    #: Load policy: queued plus in-flight prefill tokens per prefill worker above which the pool grows.
+    prefill_tokens_high: int = 32768
+    #: Load policy: prefill tokens per worker below which the pool may shrink.
+    prefill_tokens_low: int = 4096
+    #: Load policy: mean decode KV usage (0-1) above which the decode pool grows.
+    kv_usage_high: float = 0.8
+    #: Load policy: mean decode KV usage below which the decode pool may shrink.
+    kv_usage_low: float = 0.3
+    #: SLO policy: plan for this much more load than predicted (0.2: 20% spare).
+    capacity_headroom: float = 0.2
+    predictor: PredictorKind = PredictorKind.HOLT
+    #: Intervals averaged by the moving-average predictor.
+    moving_average_window: int = 4
+    #: Holt level smoothing (0-1]; higher follows the last interval more.
+    holt_alpha: float = 0.6
+    #: Holt trend smoothing (0-1].
+    holt_beta: float = 0.4
+    #: Requests an interval needs before its mean lengths are trusted.
+    min_requests_per_interval: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", _enum(PlannerPolicy, self.policy, "policy"))
+        object.__setattr__(self, "predictor", _enum(PredictorKind, self.predictor, "predictor"))
+        for name in ("ttft_ms", "itl_ms", "adjustment_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}; set a positive value")
+        for pool in ("prefill", "decode"):
+            low = getattr(self, f"min_{pool}_workers")
+            high = getattr(self, f"max_{pool}_workers")
+            if low < 0:
+                raise ValueError(f"min_{pool}_workers must be >= 0, got {low}")
+            if high < max(low, 1):
+                raise ValueError(
+                    f"max_{pool}_workers ({high}) must be >= min_{pool}_workers ({low}) and >= 1; "
+                    f"raise max_{pool}_workers"
+                )
+            devices = getattr(self, f"devices_per_{pool}_worker")
+            if devices < 1:
+                raise ValueError(f"devices_per_{pool}_worker must be >= 1, got {devices}")
+        if self.device_kind not in KNOWN_DEVICE_KINDS:
+            raise ValueError(
+                f"device_kind {self.device_kind!r} is unknown; use one of {', '.join(KNOWN_DEVICE_KINDS)}"
+            )
+        min_devices = self.devices_for(self.min_prefill_workers, self.min_decode_workers)
+        if self.device_budget < min_devices:
+            raise ValueError(
+                f"device_budget ({self.device_budget}) is below the minimum pools' {min_devices} devices "
+                f"({self.min_prefill_workers} prefill x {self.devices_per_prefill_worker} + "
+                f"{self.min_decode_workers} decode x {self.devices_per_decode_worker}); "
+                f"raise device_budget to >= {min_devices} or lower min_prefill_workers/min_decode_workers"
+            )
+        for name in ("scale_up_cooldown_s", "scale_down_cooldown_s", "grace_period_s", "capacity_headroom"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.prefill_tokens_low < self.prefill_tokens_high:
+            raise ValueError(
+                f"prefill_tokens_low ({self.prefill_tokens_low}) must be >= 0 and below prefill_tokens_high "
+                f"({self.prefill_tokens_high}); the gap is the hysteresis band"
+            )
+        if not 0 <= self.kv_usage_low < self.kv_usage_high <= 1:
+            raise ValueError(
+                f"kv_usage_low ({self.kv_usage_low}) and kv_usage_high ({self.kv_usage_high}) must satisfy "
+                f"0 <= low < high <= 1; the gap is the hysteresis band"
+            )
+        if self.moving_average_window < 1:
+            raise ValueError(f"moving_average_window must be >= 1, got {self.moving_average_window}")
+        for name in ("holt_alpha", "holt_beta"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.min_requests_per_interval < 1:
+            raise ValueError(f"min_requests_per_interval must be >= 1, got {self.min_requests_per_interval}")
+
+    def devices_for(self, num_prefill_workers: int, num_decode_workers: int) -> int:
+        """Devices held by pools of these sizes."""
+        return (
+            num_prefill_workers * self.devices_per_prefill_worker
+            + num_decode_workers * self.devices_per_decode_worker
+        )
+
+
+def _enum(kind: type[enum.Enum], value: object, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise ValueError(f"{name} {value!r} is unknown; use one of {choices}") from None

@@ -1,0 +1,290 @@
+"""Planner decision core: SLO and load policies, budget, cooldown, grace, insufficient data.
+
+The test profile is linear so its numbers can be worked out by hand:
+
+- prefill TTFT of a batch of b prompts of L tokens: L * (b + 1) / 20 ms
+  (grid: L in {1000, 21000}, b in {1, 4}), so a worker prefills
+  b * L / (L * (b + 1) / 20 ms) = 20000 * b / (b + 1) tokens/s:
+  10000 at b=1, 13333.3 at b=2, 15000 at b=3, 16000 at b=4;
+- decode ITL at context 11000 tokens: 13 + 2 * c ms for c concurrent requests
+  (grid: c in {1, 32}, context in {1000, 21000}; rows 10/20 ms and 46/108 ms,
+  so the context midpoint gives 15 ms at c=1 and 77 ms at c=32).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.config import PlannerConfig
+from planner.core import Planner
+from planner.observations import IntervalObservation, ScaleAction
+from planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+
+
+def make_profile(**overrides) -> PerformanceProfile:
+    fields = dict(
+        model="test-model",
+        device_kind="cpu",
+        devices_per_worker=1,
+        prefill=PrefillProfile(
+            input_tokens=(1000.0, 21000.0),
+            batch_sizes=(1.0, 4.0),
+            ttft_ms=((100.0, 250.0), (2100.0, 5250.0)),
+        ),
+        decode=DecodeProfile(
+            concurrency=(1.0, 32.0),
+            context_tokens=(1000.0, 21000.0),
+            itl_ms=((10.0, 20.0), (46.0, 108.0)),
+        ),
+    )
+    fields.update(overrides)
+    return PerformanceProfile(**fields)
+
+
+def make_config(**overrides) -> PlannerConfig:
+    fields = dict(
+        ttft_ms=2000.0,
+        itl_ms=50.0,
+        capacity_headroom=0.0,
+        predictor="constant",
+        min_requests_per_interval=5,
+        scale_up_cooldown_s=0.0,
+        scale_down_cooldown_s=0.0,
+        grace_period_s=0.0,
+    )
+    fields.update(overrides)
+    return PlannerConfig(**fields)
+
+
+def make_observation(**overrides) -> IntervalObservation:
+    """4 req/s of 10900 input and 200 output tokens, on 1 prefill and 1 decode worker."""
+    fields = dict(
+        num_prefill_workers=1,
+        num_decode_workers=1,
+        num_requests=120,
+        request_rate_per_s=4.0,
+        mean_input_tokens=10900.0,
+        mean_output_tokens=200.0,
+        prefill_queue_tokens=0,
+        active_prefill_tokens=0,
+        decode_kv_usage=0.5,
+    )
+    fields.update(overrides)
+    return IntervalObservation(**fields)
+
+
+def make_planner(profile: PerformanceProfile | None = None, **config_overrides) -> Planner:
+    return Planner(make_config(**config_overrides), profile or make_profile())
+
+
+# -- SLO policy -----------------------------------------------------------------------------
+
+
+def test_slo_scale_up_from_profile_arithmetic():
+    """4 req/s of 10900 input and 200 output tokens, TTFT 2000 ms, ITL 50 ms, no headroom.
+
+    Prefill: TTFT at 10900 tokens is 545 * (b + 1) ms: 1090 (b=1), 1635 (b=2),
+    2180 (b=3); the largest batch within 2000 ms is 2, at 13333.3 tokens/s.
+    4 * 10900 = 43600 tokens/s / 13333.3 = 3.27 -> 4 workers.
+    Decode: context 10900 + 200 / 2 = 11000, ITL 13 + 2c ms <= 50 -> c = 18 at 49 ms.
+    In flight: 4 * 200 * 0.049 = 39.2 requests / 18 = 2.18 -> 3 workers.
+    """
+    decision = make_planner().tick(make_observation(), now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (4, 3)
+    assert decision.prefill_action is ScaleAction.SCALE_UP
+    assert decision.decode_action is ScaleAction.SCALE_UP
+    assert decision.reason == "prefill=scale_up decode=scale_up"
+    assert "batch 2" in decision.detail and "18 per worker" in decision.detail
+
+
+def test_slo_headroom_adds_capacity():
+    """Headroom 0.25: prefill 3.27 * 1.25 = 4.09 -> 5; decode 2.18 * 1.25 = 2.72 -> 3."""
+    decision = make_planner(capacity_headroom=0.25).tick(make_observation(), now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (5, 3)
+
+
+def test_slo_backlog_is_cleared_within_the_interval():
+    """60000 prompt tokens pending over a 30 s interval add 2000 tokens/s:
+    (43600 + 2000) / 13333.3 = 3.42 -> still 4; 400000 pending add 13333.3: 4.27 -> 5."""
+    planner = make_planner(adjustment_interval_s=30.0)
+    assert planner.tick(make_observation(prefill_queue_tokens=60000), now_s=0.0).num_prefill_workers == 4
+    assert planner.tick(make_observation(prefill_queue_tokens=400000), now_s=30.0).num_prefill_workers == 5
+
+
+def test_slo_scale_down_when_load_falls():
+    """1 req/s: prefill 10900 / 13333.3 = 0.82 -> 1; decode 1 * 200 * 0.049 = 9.8 / 18 -> 1."""
+    observation = make_observation(num_prefill_workers=4, num_decode_workers=3, request_rate_per_s=1.0)
+    decision = make_planner().tick(observation, now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (1, 1)
+    assert decision.reason == "prefill=scale_down decode=scale_down"
+
+
+def test_slo_steady_when_pools_fit():
+    decision = make_planner().tick(make_observation(num_prefill_workers=4, num_decode_workers=3), now_s=0.0)
+    assert decision.reason == "prefill=steady decode=steady"
+    assert not decision.is_change
+
+
+def test_slo_zero_traffic_goes_to_minimum():
+    """Rate 0 keeps the last known lengths and asks for 0 workers, clipped up to min 1 each."""
+    planner = make_planner()
+    planner.tick(make_observation(num_prefill_workers=4, num_decode_workers=3), now_s=0.0)
+    idle = make_observation(num_prefill_workers=4, num_decode_workers=3, num_requests=0,
+                            request_rate_per_s=0.0, mean_input_tokens=None, mean_output_tokens=None)
+    decision = planner.tick(idle, now_s=30.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (1, 1)
+
+
+def test_max_per_pool_caps_the_ask():
+    decision = make_planner(max_prefill_workers=2).tick(make_observation(), now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (2, 3)
+    assert not decision.is_budget_clipped
+
+
+# -- budget -----------------------------------------------------------------------------------
+
+
+def test_budget_clipping_splits_in_proportion_to_need():
+    """Asks 4 + 3 = 7 devices, budget 5: floor(4 * 5/7) = 2 and floor(3 * 5/7) = 2 use 4;
+    the fifth goes to the pool furthest below its ask (prefill 2/4 < decode 2/3): 3 + 2."""
+    decision = make_planner(device_budget=5).tick(make_observation(), now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (3, 2)
+    assert decision.is_budget_clipped
+    assert decision.reason == "prefill=scale_up decode=scale_up budget_clipped"
+
+
+def test_budget_clipping_counts_devices_per_worker():
+    """2-device workers, budget 8: asks 4 + 3 workers = 14 devices; floor(4 * 8/14) = 2 prefill,
+    floor(3 * 8/14) = 1 decode use 6 devices; 2 left go to decode (1/3 < 2/4): 2 + 2 = 8 devices."""
+    planner = make_planner(make_profile(devices_per_worker=2), device_budget=8,
+                           devices_per_prefill_worker=2, devices_per_decode_worker=2)
+    decision = planner.tick(make_observation(), now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (2, 2)
+    assert decision.is_budget_clipped
+
+
+def test_held_pool_leaves_the_growing_one_less_room():
+    """Budget 6 on 1 prefill + 5 decode workers, one decode worker in grace. The ask, 4 prefill +
+    3 decode = 7 devices, is clipped to floor(4 * 6/7) = 3 + floor(3 * 6/7) = 2, and the sixth
+    device goes to decode (prefill 3/4 = 0.75 > decode 2/3): 3 + 3. Decode may not shrink while a
+    worker is in grace, so it keeps 5 devices and prefill has 6 - 5 = 1: it cannot grow."""
+    observation = make_observation(num_prefill_workers=1, num_decode_workers=5, num_decode_workers_in_grace=1)
+    decision = make_planner(device_budget=6).tick(observation, now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (1, 5)
+    assert decision.reason == "prefill=budget_clipped decode=grace_period budget_clipped"
+
+
+# -- cooldown and grace -----------------------------------------------------------------------
+
+
+def test_cooldown_holds_scale_down_until_it_expires():
+    """Up to 4 + 3 at t=0; at t=30 the ask is 1 + 1 but 30 s < the 120 s cooldown: hold.
+    At t=120, 120 s have passed since the change: scale down."""
+    planner = make_planner(scale_down_cooldown_s=120.0)
+    planner.tick(make_observation(), now_s=0.0)
+    low = make_observation(num_prefill_workers=4, num_decode_workers=3, request_rate_per_s=1.0)
+    held = planner.tick(low, now_s=30.0)
+    assert (held.num_prefill_workers, held.num_decode_workers) == (4, 3)
+    assert held.reason == "prefill=cooldown decode=cooldown"
+    released = planner.tick(low, now_s=120.0)
+    assert (released.num_prefill_workers, released.num_decode_workers) == (1, 1)
+    assert released.reason == "prefill=scale_down decode=scale_down"
+
+
+def test_scale_up_cooldown():
+    """Scale-up cooldown 60 s: grown at t=0, a bigger ask at t=30 waits, at t=60 it goes."""
+    planner = make_planner(scale_up_cooldown_s=60.0)
+    planner.tick(make_observation(), now_s=0.0)
+    busier = make_observation(num_prefill_workers=4, num_decode_workers=3, request_rate_per_s=8.0)
+    assert planner.tick(busier, now_s=30.0).prefill_reason == "cooldown"
+    assert planner.tick(busier, now_s=60.0).prefill_reason == "scale_up"
+
+
+def test_workers_in_grace_block_scale_down():
+    """Two prefill workers are still in grace: prefill holds though 1 req/s needs 1; decode shrinks."""
+    observation = make_observation(num_prefill_workers=4, num_decode_workers=3, request_rate_per_s=1.0,
+                                   num_prefill_workers_in_grace=2)
+    decision = make_planner().tick(observation, now_s=0.0)
+    assert decision.reason == "prefill=grace_period decode=scale_down"
+    assert decision.num_prefill_workers == 4
+
+
+def test_load_policy_grace_after_own_scale_up():
+    """Load policy, grace 60 s: prefill grows at t=0 (50000 tokens/worker > 32768); at t=30 the
+    queue still looks high but the new workers are in grace: hold; at t=60 grace is over."""
+    planner = make_planner(policy="load", grace_period_s=60.0)
+    busy = make_observation(num_prefill_workers=2, prefill_queue_tokens=100000)
+    assert planner.tick(busy, now_s=0.0).num_prefill_workers == 4  # ceil(100000 / 32768) = 4
+    still_busy = make_observation(num_prefill_workers=4, prefill_queue_tokens=200000)
+    assert planner.tick(still_busy, now_s=30.0).prefill_reason == "grace_period"
+    assert planner.tick(still_busy, now_s=60.0).num_prefill_workers == 7  # ceil(200000 / 32768) = 7
+
+
+# -- load policy ------------------------------------------------------------------------------
+
+
+def test_load_policy_scale_up_in_proportion():
+    """Prefill: (60000 queued + 40000 active) / 2 workers = 50000 > 32768 -> ceil(100000 / 32768) = 4.
+    Decode: usage 0.9 on 4 workers = 3.6 workers of load / 0.8 = 4.5 -> 5. 4 + 5 fits the budget of 9."""
+    observation = make_observation(num_prefill_workers=2, num_decode_workers=4, prefill_queue_tokens=60000,
+                                   active_prefill_tokens=40000, decode_kv_usage=0.9)
+    decision = make_planner(policy="load", device_budget=9).tick(observation, now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (4, 5)
+
+
+def test_load_policy_scale_down_by_one():
+    """Prefill: 8000 / 4 = 2000 < 4096, and 8000 / 3 = 2667 < 32768 -> 3.
+    Decode: usage 0.2 < 0.3 on 3 workers = 0.6; on 2 it would be 0.3 < 0.8 -> 2."""
+    observation = make_observation(num_prefill_workers=4, num_decode_workers=3, prefill_queue_tokens=8000,
+                                   decode_kv_usage=0.2)
+    decision = make_planner(policy="load").tick(observation, now_s=0.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (3, 2)
+
+
+def test_load_policy_hysteresis_band_holds():
+    """Band 6000-10000: 11000 tokens on 2 workers is 5500 < 6000, but on 1 it would be 11000 > 10000:
+    hold. KV usage 0.5 is inside 0.3-0.8: hold."""
+    observation = make_observation(num_prefill_workers=2, num_decode_workers=2, prefill_queue_tokens=11000)
+    decision = make_planner(policy="load", prefill_tokens_low=6000, prefill_tokens_high=10000).tick(
+        observation, now_s=0.0)
+    assert decision.reason == "prefill=steady decode=steady"
+
+
+# -- insufficient data ------------------------------------------------------------------------
+
+
+def test_slo_insufficient_data_until_enough_requests():
+    """3 requests < min_requests_per_interval 5: no lengths yet, both pools hold; the next interval
+    with 120 requests gives the 4 + 3 of the scale-up example."""
+    planner = make_planner()
+    decision = planner.tick(make_observation(num_requests=3), now_s=0.0)
+    assert decision.reason == "prefill=insufficient_data decode=insufficient_data"
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (1, 1)
+    decision = planner.tick(make_observation(), now_s=30.0)
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (4, 3)
+
+
+def test_load_policy_insufficient_data_per_pool():
+    observation = make_observation(num_prefill_workers=2, prefill_queue_tokens=100000, decode_kv_usage=None)
+    decision = make_planner(policy="load").tick(observation, now_s=0.0)
+    assert decision.reason == "prefill=scale_up decode=insufficient_data"
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_slo_policy_without_profile_names_the_fix():
+    with pytest.raises(ValueError, match="policy 'slo' needs profile data.*triton-disagg profile"):
+        Planner(make_config(), None)
+
+
+def test_profile_of_another_device_is_rejected():
+    with pytest.raises(ValueError, match="device_kind 'h100'.*set device_kind='h100'"):
+        Planner(make_config(), make_profile(device_kind="h100"))
+
+
+def test_ticks_must_go_forward():
+    planner = make_planner()
+    planner.tick(make_observation(), now_s=30.0)
+    with pytest.raises(ValueError, match="before the previous tick"):
+        planner.tick(make_observation(), now_s=0.0)
