@@ -11,9 +11,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
-from python_backends.engine.params import InvalidRequest, SamplingParams
+from python_backends.engine.params import SamplingParams
 from python_backends.serving.detokenizer import IncrementalDetokenizer
-from python_backends.serving.llm_metrics import LLMMetrics
 from python_backends.serving.protocol import (
     LLM_INPUT_NAMES,
     WORKER_OUTPUT_NAMES,
@@ -57,7 +56,6 @@ class LLMService:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
         self.router = RouterClient()
-        self.metrics = LLMMetrics()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -70,7 +68,6 @@ class LLMService:
             check_context_window(len(prompt_token_ids), parsed.params.max_tokens, self.settings.max_model_len)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the client as an error response
             sender.send(error_response(e), flags=FINAL)
-            self.metrics.count_request("invalid" if isinstance(e, InvalidRequest) else "error")
             return
         relay = _Relay(self, parsed, prompt_token_ids, sender)
         thread = threading.Thread(target=self._run, args=(relay,), name="llm-relay", daemon=True)
@@ -141,8 +138,6 @@ class _Relay:
         self._unsent_text = "" if request.exclude_input_in_output else request.prompt
         self._is_done = False
         self._is_prefill_done = False
-        self._accepted_at_s = time.monotonic()
-        self._last_token_at_s: float | None = None
 
     def run(self) -> None:
         router = self._service.router
@@ -177,7 +172,6 @@ class _Relay:
         if self._is_done:
             return
         self._is_done = True
-        self._count("invalid" if isinstance(error, InvalidRequest) else "error")
         if isinstance(error, WorkerStreamError):
             self._sender.send(pb_utils.InferenceResponse(error=error.error), flags=FINAL)
         else:
@@ -188,7 +182,6 @@ class _Relay:
         new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
         if new_token_ids:
             self._prefill_done()
-            self._observe_latency(len(new_token_ids))
         finish_reason = read_output(response, "finish_reason")
         self._num_output_tokens += len(new_token_ids)
         text = self._detokenizer.push(new_token_ids)
@@ -209,7 +202,6 @@ class _Relay:
         self._is_done = True
         if finish_reason is None:
             self._sender.send(flags=FINAL)
-            self._count("cancelled")
         else:
             self._send(finish_reason)
         self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
@@ -226,16 +218,3 @@ class _Relay:
         self._unsent_text = ""
         flags = FINAL if finish_reason is not None else 0
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
-        if finish_reason is not None:
-            self._count(finish_reason)
-
-    def _observe_latency(self, num_new_tokens: int) -> None:
-        now = time.monotonic()
-        if self._last_token_at_s is None:
-            self._service.metrics.observe_ttft(now - self._accepted_at_s)
-        else:
-            self._service.metrics.observe_itl((now - self._last_token_at_s) / num_new_tokens)
-        self._last_token_at_s = now
-
-    def _count(self, outcome: str) -> None:
-        self._service.metrics.count_request(outcome, self._num_input_tokens, self._num_output_tokens)
