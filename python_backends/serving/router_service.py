@@ -37,7 +37,7 @@ from router.subscriber import KVEventSubscriber
 logger = logging.getLogger(__name__)
 
 ROUTER_MODEL = "router"
-ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode")
+ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode", "worker_name")
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,6 +60,7 @@ class RouterService:
         self._lock = self._subscriber.lock if self._subscriber else threading.Lock()
         self._prefill: list[WorkerId] = []
         self._decode: list[WorkerId] = []
+        self._draining: set[WorkerId] = set()  # live, but sent no new requests (about to be unloaded)
         self._watcher = RepositoryWatcher(http_url, self._on_live)
         self._watcher.start()
 
@@ -72,19 +73,28 @@ class RouterService:
         )
         now = time.monotonic()
         with self._lock:
+            prefill = [w for w in self._prefill if w not in self._draining]
+            decode = [w for w in self._decode if w not in self._draining]
             saturated = False
-            if self._prefill:
+            if prefill:
                 try:
-                    self.router.select(request, now, self._prefill)
-                    pair = self.router.route_pair(request, now, self._prefill, self._decode)
+                    self.router.select(request, now, prefill)
+                    pair = self.router.route_pair(request, now, prefill, decode)
                     return Route(pair.decode.worker_id, pair.prefill.worker_id, False, pair.decode.overlap_blocks)
                 except NoWorkerAvailable:
                     saturated = True  # every prefill worker is busy: decode workers prefill locally
             try:
-                decision = self.router.route(request, now, self._decode)
+                decision = self.router.route(request, now, decode)
             except NoWorkerAvailable as exc:
                 raise LookupError(f"no decode worker can take the request: {exc}") from None
             return Route(decision.worker_id, None, saturated, decision.overlap_blocks)
+
+    def drain(self, worker_name: str) -> None:
+        """Send `worker_name` no new requests; it leaves the set when it is unloaded."""
+        with self._lock:
+            if worker_name not in self._prefill and worker_name not in self._decode:
+                raise InvalidRequest(f"worker_name {worker_name!r} is not a live prefill or decode worker")
+            self._draining.add(WorkerId(worker_name))
 
     def on_first_token(self, request_id: str) -> None:
         with self._lock:
@@ -98,6 +108,13 @@ class RouterService:
         try:
             inputs = read_inputs(request, ROUTER_INPUT_NAMES)
             action = bytes(inputs["action"].reshape(-1)[0]).decode()
+            if action == "drain":
+                if inputs["worker_name"] is None:
+                    raise InvalidRequest("action drain needs worker_name")
+                self.drain(bytes(inputs["worker_name"].reshape(-1)[0]).decode())
+                return pb_utils.InferenceResponse(output_tensors=[])
+            if inputs["request_id"] is None:
+                raise InvalidRequest(f"action {action} needs request_id")
             request_id = bytes(inputs["request_id"].reshape(-1)[0]).decode()
             if action == "first_token":
                 self.on_first_token(request_id)
@@ -106,7 +123,7 @@ class RouterService:
                 self.on_complete(request_id)
                 return pb_utils.InferenceResponse(output_tensors=[])
             if action != "route":
-                raise InvalidRequest(f"action must be route, first_token or complete, got {action!r}")
+                raise InvalidRequest(f"action must be route, first_token, complete or drain, got {action!r}")
             mode = inputs["routing_mode"]
             mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
             route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)
@@ -138,6 +155,7 @@ class RouterService:
         with self._lock:
             added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
             self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
+            self._draining &= set(self._prefill) | set(self._decode)  # an unloaded worker comes back undrained
             for worker_id in self.router.worker_ids:
                 if worker_id in loads:
                     self.router.refresh_metrics(worker_id, loads[worker_id])

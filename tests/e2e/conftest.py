@@ -64,6 +64,13 @@ def two_decoders(tmp_path_factory, model_path) -> Iterator["Client"]:
 
 
 @pytest.fixture(scope="session")
+def one_decoder(tmp_path_factory, model_path) -> Iterator["Client"]:
+    """One decode worker and no prefill worker: a pool for the planner's connector to grow and shrink."""
+    with _start(tmp_path_factory, model_path, prefill_workers=0, decode_workers=1) as running:
+        yield Client(running)
+
+
+@pytest.fixture(scope="session")
 def disagg(tmp_path_factory, model_path) -> Iterator["Client"]:
     """A second server whose decode worker has prompts of MIN_REMOTE_TOKENS or more prefilled remotely."""
     with _start(tmp_path_factory, model_path, min_remote_prefill_tokens=MIN_REMOTE_TOKENS, kv_hold_timeout_s=5.0) as running:
