@@ -92,11 +92,6 @@ class EngineThread:
             self._aborts.append(request_id)
             self._cond.notify()
 
-    @property
-    def num_in_flight(self) -> int:
-        with self._cond:
-            return len(self._callbacks)
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """Abort everything in flight and join the thread."""
         with self._cond:

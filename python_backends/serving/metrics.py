@@ -76,12 +76,13 @@ class WorkerMetrics:
     def refresh(self) -> None:
         """Publish the engine's current figures. Cheap when nothing changed (each set is an IPC)."""
         engine = self._engine
+        stats = engine.stats()
         values = {
-            "triton_disagg_kv_free_blocks": engine.block_manager.num_free_blocks,
+            "triton_disagg_kv_free_blocks": stats.num_free_blocks,
             "triton_disagg_kv_held_blocks": engine.handoff.num_held_blocks,
-            "triton_disagg_running_requests": len(engine.scheduler.running),
-            "triton_disagg_waiting_requests": len(engine.scheduler.waiting),
-            "triton_disagg_waiting_prompt_tokens": sum(seq.num_uncomputed_tokens for seq in engine.scheduler.waiting),
+            "triton_disagg_running_requests": stats.num_running,
+            "triton_disagg_waiting_requests": stats.num_waiting,
+            "triton_disagg_waiting_prompt_tokens": stats.num_waiting_prompt_tokens,
         }
         with self._lock:
             for name, value in values.items():
