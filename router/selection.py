@@ -335,7 +335,7 @@ class KvRouter:
     ) -> RouteDecision:
         """`select`, then count the request on the chosen worker (prefill and decode there)."""
         decision = self.select(request, now_s, worker_ids)
-        self._record(request, decision, decision, now_s)
+        self.record(request, decision, decision, now_s)
         return decision
 
     def route_pair(
@@ -348,7 +348,7 @@ class KvRouter:
         """Choose a prefill worker and a decode worker, and count the request on both."""
         prefill = self.select(request, now_s, prefill_worker_ids)
         decode = self.select(request, now_s, decode_worker_ids)
-        self._record(request, prefill, decode, now_s)
+        self.record(request, prefill, decode, now_s)
         return RoutePair(prefill, decode)
 
     def on_first_token(self, request_id: str) -> None:
@@ -360,7 +360,8 @@ class KvRouter:
     def refresh_metrics(self, worker_id: WorkerId, metrics: WorkerMetrics) -> None:
         self.loads.refresh(worker_id, metrics)
 
-    def _record(self, request: RouteRequest, prefill: RouteDecision, decode: RouteDecision, now_s: float) -> None:
+    def record(self, request: RouteRequest, prefill: RouteDecision, decode: RouteDecision, now_s: float) -> None:
+        """Count a request on the workers `select` chose (what `route_pair` does after selecting)."""
         block_size = self.config.block_size
         num_uncached_tokens = max(request.num_prompt_tokens - prefill.overlap_blocks * block_size, 0)
         num_blocks = -(-request.num_prompt_tokens // block_size)

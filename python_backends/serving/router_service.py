@@ -75,19 +75,23 @@ class RouterService:
         with self._lock:
             prefill = [w for w in self._prefill if w not in self._draining]
             decode = [w for w in self._decode if w not in self._draining]
-            saturated = False
+            prefill_choice = None
             if prefill:
                 try:
-                    self.router.select(request, now, prefill)
-                    pair = self.router.route_pair(request, now, prefill, decode)
-                    return Route(pair.decode.worker_id, pair.prefill.worker_id, False, pair.decode.overlap_blocks)
+                    prefill_choice = self.router.select(request, now, prefill)
                 except NoWorkerAvailable:
-                    saturated = True  # every prefill worker is busy: decode workers prefill locally
+                    pass  # every prefill worker is busy: decode workers prefill locally
             try:
-                decision = self.router.route(request, now, decode)
+                decode_choice = self.router.select(request, now, decode)
             except NoWorkerAvailable as exc:
                 raise LookupError(f"no decode worker can take the request: {exc}") from None
-            return Route(decision.worker_id, None, saturated, decision.overlap_blocks)
+            self.router.record(request, prefill_choice or decode_choice, decode_choice, now)
+            return Route(
+                decode_worker=decode_choice.worker_id,
+                prefill_worker=None if prefill_choice is None else prefill_choice.worker_id,
+                prefill_pool_saturated=bool(prefill) and prefill_choice is None,
+                overlap_blocks=decode_choice.overlap_blocks,
+            )
 
     def drain(self, worker_name: str) -> None:
         """Send `worker_name` no new requests; it leaves the set when it is unloaded."""
