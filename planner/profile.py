@@ -10,12 +10,16 @@ at the nearest edge, so a profile should cover the lengths served.
 File format (JSON, written by `triton-disagg profile`, version 1):
 
     {"version": 1, "model": "...", "device_kind": "h100", "devices_per_worker": 1,
-     "prefill": {"input_tokens": [...], "batch_sizes": [...], "ttft_ms": [[...], ...]},
+     "prefill": {"input_tokens": [...], "batch_sizes": [...], "ttft_ms": [[...], ...],
+                 "saturating_batch_tokens": 256},
      "decode": {"concurrency": [...], "context_tokens": [...], "itl_ms": [[...], ...]}}
 
 `prefill.ttft_ms[i][k]` is at `input_tokens[i]` and `batch_sizes[k]`;
 `decode.itl_ms[i][j]` at `concurrency[i]` and `context_tokens[j]`. Axes are
-strictly ascending.
+strictly ascending. `prefill.saturating_batch_tokens` (optional; absent in
+older files) is the smallest per-step token budget at which a prefill worker
+reaches 95% of its peak throughput: the budget to run prefill workers with.
+Other keys (the profiler's raw sweeps) are ignored.
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ class PrefillProfile:
     input_tokens: tuple[float, ...]
     batch_sizes: tuple[float, ...]
     ttft_ms: tuple[tuple[float, ...], ...]  # (len(input_tokens), len(batch_sizes))
+    #: Smallest engine step token budget reaching 95% of peak prefill throughput; None if not profiled.
+    saturating_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check_grid("prefill", "input_tokens", self.input_tokens, "batch_sizes", self.batch_sizes, self.ttft_ms)
+        if self.saturating_batch_tokens is not None and self.saturating_batch_tokens < 1:
+            raise ValueError(f"profile prefill.saturating_batch_tokens must be >= 1, got {self.saturating_batch_tokens}")
 
     def ttft_at_ms(self, input_tokens: float, batch_size: float = 1) -> float:
         """TTFT of a batch of `batch_size` prompts of `input_tokens` each, prefilled together."""
@@ -99,7 +107,7 @@ class PerformanceProfile:
             raise ValueError(f"profile devices_per_worker must be >= 1, got {self.devices_per_worker}")
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "version": PROFILE_VERSION,
             "model": self.model,
             "device_kind": self.device_kind,
@@ -115,6 +123,9 @@ class PerformanceProfile:
                 "itl_ms": [list(row) for row in self.decode.itl_ms],
             },
         }
+        if self.prefill.saturating_batch_tokens is not None:
+            data["prefill"]["saturating_batch_tokens"] = self.prefill.saturating_batch_tokens
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PerformanceProfile:
@@ -126,6 +137,7 @@ class PerformanceProfile:
             )
         try:
             prefill, decode = data["prefill"], data["decode"]
+            saturating = prefill.get("saturating_batch_tokens")
             return cls(
                 model=str(data["model"]),
                 device_kind=str(data["device_kind"]),
@@ -134,6 +146,7 @@ class PerformanceProfile:
                     input_tokens=tuple(float(x) for x in prefill["input_tokens"]),
                     batch_sizes=tuple(float(x) for x in prefill["batch_sizes"]),
                     ttft_ms=tuple(tuple(float(x) for x in row) for row in prefill["ttft_ms"]),
+                    saturating_batch_tokens=None if saturating is None else int(saturating),
                 ),
                 decode=DecodeProfile(
                     concurrency=tuple(float(x) for x in decode["concurrency"]),

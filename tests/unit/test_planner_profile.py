@@ -61,6 +61,24 @@ def test_json_round_trip(tmp_path):
     assert PerformanceProfile.load(path) == make_profile()
 
 
+def test_saturating_batch_tokens_round_trips_and_is_optional(tmp_path):
+    profile = make_profile()
+    with_budget = PerformanceProfile(
+        profile.model,
+        profile.device_kind,
+        profile.devices_per_worker,
+        PrefillProfile(profile.prefill.input_tokens, profile.prefill.batch_sizes, profile.prefill.ttft_ms, 256),
+        profile.decode,
+    )
+    path = tmp_path / "profile.json"
+    with_budget.save(path)
+    assert json.loads(path.read_text())["prefill"]["saturating_batch_tokens"] == 256
+    assert PerformanceProfile.load(path).prefill.saturating_batch_tokens == 256
+    # A file written before the field existed still loads.
+    assert "saturating_batch_tokens" not in profile.to_dict()["prefill"]
+    assert PerformanceProfile.from_dict(profile.to_dict()).prefill.saturating_batch_tokens is None
+
+
 def test_missing_profile_file_names_the_fix(tmp_path):
     with pytest.raises(ValueError, match="does not exist; run `triton-disagg profile`"):
         PerformanceProfile.load(tmp_path / "absent.json")
