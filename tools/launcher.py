@@ -56,6 +56,8 @@ class ServerConfig:
     num_blocks: int | None = None
     #: Token budget of one engine step.
     max_num_batched_tokens: int = 512
+    #: Token budget of a prefill worker's step (a profile's saturating batch); None: max_num_batched_tokens.
+    prefill_max_num_batched_tokens: int | None = None
     #: Context window; None takes the model's max_position_embeddings.
     max_model_len: int | None = None
     #: Instances of the `llm` entry model (each relays its requests' streams on its own threads).
@@ -199,7 +201,11 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     kv_events_dir.mkdir(parents=True, exist_ok=True)
     engine["kv_events_dir"] = str(kv_events_dir)
     parameters = {
-        "prefill": engine | {"kv_hold_timeout_s": str(config.kv_hold_timeout_s)},
+        "prefill": engine
+        | {
+            "max_num_batched_tokens": str(config.prefill_max_num_batched_tokens or config.max_num_batched_tokens),
+            "kv_hold_timeout_s": str(config.kv_hold_timeout_s),
+        },
         "decode": engine
         | {
             "min_remote_prefill_tokens": str(config.min_remote_prefill_tokens),
