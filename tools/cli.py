@@ -39,6 +39,7 @@ def serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_max_num_batched_tokens=prefill_budget_from_profile(args.profile) if args.profile else None,
         max_model_len=args.max_model_len,
         llm_instances=args.llm_instances,
         prefill_workers=args.prefill_workers,
@@ -77,6 +78,42 @@ def make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    from tools.profiler import ProfileSettings, print_summary, run_profile, write_outputs
+
+    settings = ProfileSettings(
+        model_path=str(args.model or _default_model()),
+        device=args.device,
+        device_kind=args.device_kind,
+        prefill_token_budgets=args.prefill_token_budgets,
+        prefill_input_tokens=args.prefill_input_tokens,
+        ttft_input_tokens=args.ttft_input_tokens,
+        ttft_batch_sizes=args.ttft_batch_sizes,
+        decode_concurrency=args.decode_concurrency,
+        decode_context_tokens=args.decode_context_tokens,
+        decode_steps=args.decode_steps,
+        repeats=args.repeats,
+        saturation=args.saturation,
+    )
+    result = run_profile(settings)
+    output = Path(args.output)
+    plot_path = Path(args.plot) if args.plot else output.with_suffix(".png")
+    write_outputs(result, output, plot_path)
+    print_summary(result)
+    print(f"wrote {output} and {plot_path}; serve with it: triton-disagg serve --profile {output}")
+    return 0
+
+
+def prefill_budget_from_profile(path: str | Path) -> int:
+    """The saturating prefill token budget of a profile file; ValueError if it has none."""
+    from planner.profile import PerformanceProfile
+
+    budget = PerformanceProfile.load(path).prefill.saturating_batch_tokens
+    if budget is None:
+        raise ValueError(f"profile {str(path)!r} has no saturating_batch_tokens; re-run `triton-disagg profile`")
+    return budget
+
+
 def _default_model() -> Path:
     if not (DEFAULT_MODEL_PATH / "config.json").is_file():
         from python_backends.checkpoint import make_model as write_checkpoint
@@ -105,6 +142,11 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def int_list(raw: str) -> tuple[int, ...]:
+    """A comma-separated list of integers ("16,32,64"), for grid flags."""
+    return tuple(int(part) for part in raw.split(",") if part.strip())
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triton-disagg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +173,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="KV blocks per worker (default: sized from the engine's KV memory budget)",
     )
     flag("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    flag(
+        "--profile",
+        metavar="PATH",
+        default=None,
+        help="profile from `triton-disagg profile`: prefill workers step with its saturating token budget",
+    )
     flag(
         "--max-model-len", type=int, default=None, help="context window (default: the model's max_position_embeddings)"
     )
@@ -180,6 +228,31 @@ def _build_parser() -> argparse.ArgumentParser:
     model_parser.add_argument(
         "--variant", choices=["dense", "moe"], default="dense", help="architecture (default: dense)"
     )
+
+    profile_parser = commands.add_parser(
+        "profile", help="measure prefill and decode latency on the engine; write the planner's profile file"
+    )
+    profile_parser.set_defaults(run=profile)
+    flag = _EnvFlags(profile_parser)
+    flag("--model", metavar="PATH", default=None, help=f"checkpoint directory (default: {DEFAULT_MODEL_PATH})")
+    flag("--device", default="auto", help="engine device: auto, cpu, cuda, cuda:N")
+    flag("--device-kind", default=None, help="device kind written to the profile (default: detected)")
+    flag(
+        "--prefill-token-budgets",
+        type=int_list,
+        default="16,32,64,128,256,512,1024,2048",
+        help="per-step token budgets of the prefill throughput sweep, comma-separated",
+    )
+    flag("--prefill-input-tokens", type=int, default=512, help="prompt length of the prefill throughput sweep")
+    flag("--ttft-input-tokens", type=int_list, default="64,256,1024,2048", help="prompt lengths of the TTFT grid")
+    flag("--ttft-batch-sizes", type=int_list, default="1,2,4,8", help="prompts submitted together, TTFT grid")
+    flag("--decode-concurrency", type=int_list, default="1,2,4,8,16,32,64", help="requests decoding together, ITL grid")
+    flag("--decode-context-tokens", type=int_list, default="128,512,1024,2048", help="context lengths of the ITL grid")
+    flag("--decode-steps", type=int, default=16, help="decode steps timed per ITL point")
+    flag("--repeats", type=int, default=3, help="timed runs per prefill point (the median is kept)")
+    flag("--saturation", type=float, default=0.95, help="fraction of peak prefill throughput that counts as saturated")
+    flag("--output", metavar="PATH", default="results/profile/profile.json", help="profile JSON to write")
+    flag("--plot", metavar="PATH", default=None, help="PNG of the curves (default: the output path with .png)")
     return parser
 
 
