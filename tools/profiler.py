@@ -13,7 +13,8 @@ Three sweeps on the real engine, in this process (no server):
 2. Time to first token of `b` prompts of `L` tokens submitted together (until
    the last of them has its first token), on an engine with that budget.
 3. Inter-token latency of `c` requests decoding together at a context of `T`
-   tokens: the mean time of a decode step.
+   tokens: the median time of a decode step (robust to a neighbour's burst
+   on a shared machine).
 
 Writes the profile file `planner.profile.PerformanceProfile` reads (with the
 saturating budget and the raw token sweep) and a PNG of the curves.
@@ -67,7 +68,7 @@ class ProfileSettings:
     #: Decode steps timed at each ITL point (after two warm-up steps).
     decode_steps: int = 16
     #: Timed runs per prefill and TTFT point (plus one warm-up run per engine); the median is kept.
-    repeats: int = 3
+    repeats: int = 5
     #: Fraction of peak prefill throughput a budget must reach to count as saturating.
     saturation: float = 0.95
 
@@ -245,7 +246,7 @@ def measure_ttft_grid(
 def measure_itl_grid(
     settings: ProfileSettings, device: torch.device, report: Progress
 ) -> tuple[tuple[float, ...], ...]:
-    """Mean decode step time (ms) of `c` requests decoding together at a context of `T` tokens."""
+    """Median decode step time (ms) of `c` requests decoding together at a context of `T` tokens."""
     grid, num_points, point = [], len(settings.decode_concurrency) * len(settings.decode_context_tokens), 0
     num_decodes = settings.decode_steps + 3  # the prefill's token, two warm-up steps, the timed steps
     for concurrency in settings.decode_concurrency:
@@ -270,12 +271,14 @@ def measure_itl_grid(
                 started.update(output.request_id for output in engine.step())
             for _ in range(2):
                 engine.step()
-            _sync(device)
-            start = time.perf_counter()
+            step_s = []
             for _ in range(settings.decode_steps):
+                _sync(device)
+                start = time.perf_counter()
                 engine.step()
-            _sync(device)
-            row.append((time.perf_counter() - start) / settings.decode_steps * 1e3)
+                _sync(device)
+                step_s.append(time.perf_counter() - start)
+            row.append(statistics.median(step_s) * 1e3)
             while engine.has_unfinished_requests():
                 engine.step()
             point += 1
