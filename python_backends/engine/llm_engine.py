@@ -34,6 +34,8 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_waiting_prompt_tokens: int
+    #: Prompt tokens of running requests not prefilled yet (a chunked prefill in progress).
+    num_prefilling_tokens: int
     num_free_blocks: int
     num_blocks: int
     num_cached_blocks: int
@@ -206,6 +208,9 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_waiting_prompt_tokens=sum(seq.num_uncomputed_tokens for seq in self.scheduler.waiting),
+            num_prefilling_tokens=sum(
+                seq.num_prompt_tokens - seq.num_computed_tokens for seq in self.scheduler.running if seq.is_prefilling
+            ),
             num_free_blocks=self.block_manager.num_free_blocks,
             num_blocks=self.num_blocks,
             num_cached_blocks=self.block_manager.num_cached_blocks,

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from python_backends.engine.params import SamplingParams
 from python_backends.serving.detokenizer import IncrementalDetokenizer
+from python_backends.serving.llm_metrics import LLMMetrics
 from python_backends.serving.protocol import (
     LLM_INPUT_NAMES,
     WORKER_OUTPUT_NAMES,
@@ -56,6 +57,7 @@ class LLMService:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
         self.router = RouterClient()
+        self.metrics = LLMMetrics()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -68,20 +70,23 @@ class LLMService:
             check_context_window(len(prompt_token_ids), parsed.params.max_tokens, self.settings.max_model_len)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the client as an error response
             sender.send(error_response(e), flags=FINAL)
+            self.metrics.ended("error")
             return
         relay = _Relay(self, parsed, prompt_token_ids, sender)
+        self.metrics.started(len(prompt_token_ids))
         thread = threading.Thread(target=self._run, args=(relay,), name="llm-relay", daemon=True)
         with self._lock:
             self._threads.add(thread)
         thread.start()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Wait up to `timeout_s` for the requests in flight to finish."""
+        """Wait up to `timeout_s` for the requests in flight to finish, then publish the last metrics."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.metrics.close()
 
     def stream_from_worker(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
@@ -138,6 +143,8 @@ class _Relay:
         self._unsent_text = "" if request.exclude_input_in_output else request.prompt
         self._is_done = False
         self._is_prefill_done = False
+        self._accepted_at_s = time.monotonic()
+        self._last_token_at_s: float | None = None
 
     def run(self) -> None:
         router = self._service.router
@@ -172,6 +179,7 @@ class _Relay:
         if self._is_done:
             return
         self._is_done = True
+        self._service.metrics.ended("error", self._num_output_tokens)
         if isinstance(error, WorkerStreamError):
             self._sender.send(pb_utils.InferenceResponse(error=error.error), flags=FINAL)
         else:
@@ -182,6 +190,7 @@ class _Relay:
         new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
         if new_token_ids:
             self._prefill_done()
+            self._time_tokens(len(new_token_ids))
         finish_reason = read_output(response, "finish_reason")
         self._num_output_tokens += len(new_token_ids)
         text = self._detokenizer.push(new_token_ids)
@@ -202,6 +211,7 @@ class _Relay:
         self._is_done = True
         if finish_reason is None:
             self._sender.send(flags=FINAL)
+            self._service.metrics.ended("cancelled", self._num_output_tokens)
         else:
             self._send(finish_reason)
         self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
@@ -218,3 +228,17 @@ class _Relay:
         self._unsent_text = ""
         flags = FINAL if finish_reason is not None else 0
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        if finish_reason is not None:
+            # A worker ends a request with "abort" only when it was asked to, for a client that went away.
+            outcome = "cancelled" if finish_reason == "abort" else "success"
+            self._service.metrics.ended(outcome, self._num_output_tokens)
+
+    def _time_tokens(self, num_new_tokens: int) -> None:
+        now_s = time.monotonic()
+        if self._last_token_at_s is None:
+            self._service.metrics.first_token(now_s - self._accepted_at_s)
+            if num_new_tokens > 1:
+                self._service.metrics.next_tokens(0.0, num_new_tokens - 1)
+        else:
+            self._service.metrics.next_tokens(now_s - self._last_token_at_s, num_new_tokens)
+        self._last_token_at_s = now_s

@@ -22,6 +22,7 @@ _GAUGES = {
     "triton_disagg_running_requests": "Requests in the worker's running batch",
     "triton_disagg_waiting_requests": "Requests queued in the worker",
     "triton_disagg_waiting_prompt_tokens": "Prompt tokens queued in the worker, not yet prefilled",
+    "triton_disagg_prefilling_tokens": "Prompt tokens of running requests not prefilled yet",
 }
 #: Handoff counters by `HandoffStats` field.
 _HANDOFF_COUNTERS = {
@@ -83,6 +84,7 @@ class WorkerMetrics:
             "triton_disagg_running_requests": stats.num_running,
             "triton_disagg_waiting_requests": stats.num_waiting,
             "triton_disagg_waiting_prompt_tokens": stats.num_waiting_prompt_tokens,
+            "triton_disagg_prefilling_tokens": stats.num_prefilling_tokens,
         }
         with self._lock:
             for name, value in values.items():

@@ -1,0 +1,119 @@
+"""Request-level metrics of the `llm` entry model, on Triton's metrics endpoint.
+
+Latency is measured where the client's stream starts: from the moment `llm`
+accepted a request to its first token (TTFT), and between tokens after that
+(ITL: each response adds its gap to the sum and its token count to the count,
+so sum / count is the mean time per token). Both are exported as a pair of
+counters, `_sum` and `_count`, so a scraper takes the mean over any interval
+from two scrapes; Triton 2.51 crashed (SIGSEGV) with histograms observed from
+these threads.
+
+Relay threads only add to plain totals under a lock; one publisher thread
+moves what accumulated to Triton every `publish_interval_s`. Metric calls are
+IPCs to the server, so the relay path never waits on them and never makes
+them from several threads at once. Every `llm` instance publishes into the
+same series (same name and labels), so the figures are the model's totals.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+
+import triton_python_backend_utils as pb_utils
+
+#: How a request ended: the worker finished it, it failed or was refused, or the client went away.
+OUTCOMES = ("success", "error", "cancelled")
+
+_COUNTERS = {
+    "triton_disagg_llm_requests_started_total": "Requests llm accepted and started relaying",
+    "triton_disagg_llm_requests_total": "Requests llm ended, by outcome (success, error, cancelled)",
+    "triton_disagg_llm_input_tokens_total": "Prompt tokens of the requests llm accepted",
+    "triton_disagg_llm_output_tokens_total": "Tokens generated for the requests llm ended",
+    "triton_disagg_ttft_seconds_sum": "Sum of times to first token (accepted to first token), seconds",
+    "triton_disagg_ttft_seconds_count": "Requests that reached their first token",
+    "triton_disagg_itl_seconds_sum": "Sum of the gaps between tokens after the first, seconds",
+    "triton_disagg_itl_seconds_count": "Tokens after the first of each request",
+}
+
+
+@dataclass(slots=True)
+class _Totals:
+    requests_started: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttft_sum_s: float = 0.0
+    ttft_count: int = 0
+    itl_sum_s: float = 0.0
+    itl_count: int = 0
+    success: int = 0
+    error: int = 0
+    cancelled: int = 0
+
+
+class LLMMetrics:
+    """Counters of one `llm` instance, labelled `model=llm`. Call `close()` last."""
+
+    def __init__(self, publish_interval_s: float = 0.5) -> None:
+        labels = {"model": "llm"}
+        counter = pb_utils.MetricFamily.COUNTER
+        # Families and metrics vanish from the server with their Python objects: keep them.
+        self._families = {name: pb_utils.MetricFamily(name=name, description=text, kind=counter) for name, text in _COUNTERS.items()}
+        by_outcome = self._families["triton_disagg_llm_requests_total"]
+        self._metrics = {
+            "requests_started": self._families["triton_disagg_llm_requests_started_total"].Metric(labels=labels),
+            "input_tokens": self._families["triton_disagg_llm_input_tokens_total"].Metric(labels=labels),
+            "output_tokens": self._families["triton_disagg_llm_output_tokens_total"].Metric(labels=labels),
+            "ttft_sum_s": self._families["triton_disagg_ttft_seconds_sum"].Metric(labels=labels),
+            "ttft_count": self._families["triton_disagg_ttft_seconds_count"].Metric(labels=labels),
+            "itl_sum_s": self._families["triton_disagg_itl_seconds_sum"].Metric(labels=labels),
+            "itl_count": self._families["triton_disagg_itl_seconds_count"].Metric(labels=labels),
+        } | {outcome: by_outcome.Metric(labels=labels | {"outcome": outcome}) for outcome in OUTCOMES}
+        self._pending = _Totals()
+        self._lock = threading.Lock()
+        self._publish_interval_s = publish_interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llm-metrics", daemon=True)
+        self._thread.start()
+
+    def started(self, num_input_tokens: int) -> None:
+        with self._lock:
+            self._pending.requests_started += 1
+            self._pending.input_tokens += num_input_tokens
+
+    def first_token(self, ttft_s: float) -> None:
+        with self._lock:
+            self._pending.ttft_sum_s += ttft_s
+            self._pending.ttft_count += 1
+
+    def next_tokens(self, gap_s: float, num_tokens: int) -> None:
+        """`num_tokens` more tokens arrived `gap_s` after the previous ones."""
+        with self._lock:
+            self._pending.itl_sum_s += gap_s
+            self._pending.itl_count += num_tokens
+
+    def ended(self, outcome: str, num_output_tokens: int = 0) -> None:
+        """Count a request that ended with `outcome` (one of OUTCOMES) after generating `num_output_tokens`."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+        with self._lock:
+            setattr(self._pending, outcome, getattr(self._pending, outcome) + 1)
+            self._pending.output_tokens += num_output_tokens
+
+    def close(self) -> None:
+        """Stop the publisher and publish what is left."""
+        self._stop.set()
+        self._thread.join()
+        self._publish()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._publish_interval_s):
+            self._publish()
+
+    def _publish(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, _Totals()
+        for field in fields(_Totals):
+            value = getattr(pending, field.name)
+            if value:
+                self._metrics[field.name].increment(value)
