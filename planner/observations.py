@@ -35,6 +35,9 @@ class IntervalObservation:
     ttft_p99_ms: float | None = None
     itl_p50_ms: float | None = None
     itl_p99_ms: float | None = None
+    #: Means over the interval, where only sums and counts were measured (Triton's metrics give no percentiles).
+    ttft_mean_ms: float | None = None
+    itl_mean_ms: float | None = None
     #: Prompt tokens waiting for a prefill worker, at the end of the interval.
     prefill_queue_tokens: int | None = None
     #: Prompt tokens being prefilled, at the end of the interval.
