@@ -3,7 +3,9 @@
 `TritonConnector` grows a pool by loading a copy of the pool's template
 under the next free name (`decode_<j>`), and shrinks it by draining first:
 the router stops sending the worker new requests, the requests it holds
-finish, then it is unloaded. `DryRunConnector` only records what it would do.
+finish, then it is unloaded. With a device inventory, each worker it loads
+takes a free slot and is pinned there (`instance_group`), and a worker it
+unloads frees its slot. `DryRunConnector` only records what it would do.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 import requests
+
+from planner.inventory import DeviceInventory
 
 POOLS = ("prefill", "decode")
 
@@ -37,10 +41,20 @@ def _check_pool(pool: str) -> None:
 
 @dataclass(slots=True)
 class DryRunConnector:
-    """Keeps pool sizes in memory and a log of every change it was asked for."""
+    """Keeps pool sizes in memory and a log of every change it was asked for.
+
+    With an `inventory`, its workers take and free slots as real ones would.
+    """
 
     sizes: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 1})
     log: list[tuple[str, str]] = field(default_factory=list)  # (action, worker name)
+    inventory: DeviceInventory | None = None
+
+    def __post_init__(self) -> None:
+        if self.inventory is not None:
+            for pool in POOLS:
+                for name in self.workers(pool):
+                    self.inventory.take(name)
 
     def workers(self, pool: str) -> list[str]:
         _check_pool(pool)
@@ -49,6 +63,8 @@ class DryRunConnector:
     def add_worker(self, pool: str) -> str:
         _check_pool(pool)
         name = f"{pool}_{self.sizes[pool]}"
+        if self.inventory is not None:
+            self.inventory.take(name)
         self.sizes[pool] += 1
         self.log.append(("load", name))
         return name
@@ -59,6 +75,8 @@ class DryRunConnector:
             return None
         self.sizes[pool] -= 1
         name = f"{pool}_{self.sizes[pool]}"
+        if self.inventory is not None:
+            self.inventory.release(name)
         self.log.append(("unload", name))
         return name
 
@@ -69,6 +87,9 @@ class TritonConnector:
     `headers` go with every model-control call (e.g. a restricted-API key).
     Raises on a failed load or a drain that does not finish in `drain_timeout_s`
     (the worker then stays loaded and drained; nothing is half applied).
+    With an `inventory`, the workers already loaded claim their slots when the
+    connector is made (ValueError if the inventory does not hold them), and
+    `add_worker` raises NoFreeDevice before loading anything when no slot is free.
     """
 
     def __init__(
@@ -78,6 +99,7 @@ class TritonConnector:
         repository: Path,
         headers: dict[str, str] | None = None,
         drain_timeout_s: float = 120.0,
+        inventory: DeviceInventory | None = None,
     ):
         from tools.model_control import ModelControl
 
@@ -87,6 +109,11 @@ class TritonConnector:
         self._headers = headers or {}
         self._control = ModelControl(http_url, headers)
         self._drain_timeout_s = drain_timeout_s
+        self.inventory = inventory
+        if inventory is not None:
+            for pool in POOLS:
+                for name in self.workers(pool):
+                    inventory.claim(name, self._control.placement_of(name).gpu)
 
     def workers(self, pool: str) -> list[str]:
         _check_pool(pool)
@@ -97,7 +124,17 @@ class TritonConnector:
         _check_pool(pool)
         taken = {int(n.rsplit("_", 1)[1]) for n in self.workers(pool)}
         name = f"{pool}_{next(i for i in range(len(taken) + 1) if i not in taken)}"
-        self._control.load_worker(self._repository, pool, name)
+        if self.inventory is None:
+            self._control.load_worker(self._repository, pool, name)
+            return name
+        from tools.model_control import Placement
+
+        slot = self.inventory.take(name)
+        try:
+            self._control.load_worker(self._repository, pool, name, Placement(gpu=slot.gpu))
+        except BaseException:
+            self.inventory.release(name)
+            raise
         return name
 
     def remove_worker(self, pool: str) -> str | None:
@@ -107,6 +144,8 @@ class TritonConnector:
         name = workers[-1]
         self._drain(name)
         self._control.unload(name)
+        if self.inventory is not None:
+            self.inventory.release(name)
         return name
 
     def _drain(self, name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,25 @@ def worker_config(template_dir: Path, name: str, placement: Placement = Placemen
 
 
 class ModelControl:
-    """A model-control client for one server (HTTP). `headers` carry e.g. a restricted-API key."""
+    """A model-control client for one server (HTTP). `headers` carry e.g. a restricted-API key.
+
+    Usable from several threads: tritonclient's HTTP client runs on gevent and
+    must stay on the thread that made it, so each thread gets its own.
+    """
 
     def __init__(self, http_url: str, headers: dict[str, str] | None = None):
-        import tritonclient.http as httpclient
-
-        self._client = httpclient.InferenceServerClient(http_url.removeprefix("http://"), network_timeout=300.0)
+        self._url = http_url.removeprefix("http://")
         self._headers = headers or {}
+        self._local = threading.local()
+
+    @property
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import tritonclient.http as httpclient
+
+            client = self._local.client = httpclient.InferenceServerClient(self._url, network_timeout=300.0)
+        return client
 
     def load_worker(
         self,
@@ -68,6 +81,14 @@ class ModelControl:
         config = worker_config(repository / template, name, placement, parameters)
         self._client.load_model(name, headers=self._headers, config=config)
 
+    def placement_of(self, name: str) -> Placement:
+        """Where the loaded model `name` runs, from its config: the GPU of its first instance group, or the CPU."""
+        config = self._client.get_model_config(name, headers=self._headers)
+        for group in config.get("instance_group", []):
+            if group.get("kind") == "KIND_GPU" and group.get("gpus"):
+                return Placement(gpu=int(group["gpus"][0]))
+        return Placement()
+
     def unload(self, name: str) -> None:
         self._client.unload_model(name, headers=self._headers)
 
@@ -75,4 +96,8 @@ class ModelControl:
         return [m["name"] for m in self._client.get_model_repository_index(headers=self._headers) if m.get("state") == "READY"]
 
     def close(self) -> None:
-        self._client.close()
+        """Close this thread's client."""
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
