@@ -253,6 +253,14 @@ def _build_parser() -> argparse.ArgumentParser:
     flag("--saturation", type=float, default=0.95, help="fraction of peak prefill throughput that counts as saturated")
     flag("--output", metavar="PATH", default="results/profile/profile.json", help="profile JSON to write")
     flag("--plot", metavar="PATH", default=None, help="PNG of the curves (default: the output path with .png)")
+
+    from tools.plan import add_plan_flags, plan
+
+    plan_parser = commands.add_parser(
+        "plan", help="grow and shrink a running server's prefill and decode pools (load or SLO policy)"
+    )
+    plan_parser.set_defaults(run=plan)
+    add_plan_flags(_EnvFlags(plan_parser))
     return parser
 
 
