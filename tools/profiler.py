@@ -13,8 +13,11 @@ Three sweeps on the real engine, in this process (no server):
 2. Time to first token of `b` prompts of `L` tokens submitted together (until
    the last of them has its first token), on an engine with that budget.
 3. Inter-token latency of `c` requests decoding together at a context of `T`
-   tokens: the median time of a decode step (robust to a neighbour's burst
-   on a shared machine).
+   tokens: the time of a decode step.
+
+Every point keeps its fastest run (its fastest step, for decode), as `timeit`
+does: other processes on a shared machine only ever add time, and two cores
+oversubscribed by a neighbour slow a step many times over.
 
 Writes the profile file `planner.profile.PerformanceProfile` reads (with the
 saturating budget and the raw token sweep) and a PNG of the curves.
@@ -23,7 +26,6 @@ saturating budget and the raw token sweep) and a PNG of the curves.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +69,7 @@ class ProfileSettings:
     decode_context_tokens: tuple[int, ...] = (128, 512, 1024, 2048)
     #: Decode steps timed at each ITL point (after two warm-up steps).
     decode_steps: int = 16
-    #: Timed runs per prefill and TTFT point (plus one warm-up run per engine); the median is kept.
+    #: Timed runs per prefill and TTFT point (plus one warm-up run per engine); the fastest is kept.
     repeats: int = 5
     #: Fraction of peak prefill throughput a budget must reach to count as saturating.
     saturation: float = 0.95
@@ -209,7 +211,7 @@ def measure_prefill_throughput(settings: ProfileSettings, device: torch.device, 
         _sync(device)
         if run:
             rates.append(num_prompts * length / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return max(rates)
 
 
 def measure_ttft_grid(
@@ -235,7 +237,7 @@ def measure_ttft_grid(
                 _time_batch(engine, device, [_prompt(length, seed=1000 * run + i) for i in range(batch)], f"ttft-{run}")
                 for run in range(settings.repeats)
             ]
-            row.append(statistics.median(times) * 1e3)
+            row.append(min(times) * 1e3)
             point += 1
             report(f"ttft {batch:>3} x {length:>6} tokens at {budget} tokens/step: {row[-1]:9.1f} ms"
                    f"  ({point}/{num_points})")
@@ -246,7 +248,7 @@ def measure_ttft_grid(
 def measure_itl_grid(
     settings: ProfileSettings, device: torch.device, report: Progress
 ) -> tuple[tuple[float, ...], ...]:
-    """Median decode step time (ms) of `c` requests decoding together at a context of `T` tokens."""
+    """Decode step time (ms) of `c` requests decoding together at a context of `T` tokens, fastest step."""
     grid, num_points, point = [], len(settings.decode_concurrency) * len(settings.decode_context_tokens), 0
     num_decodes = settings.decode_steps + 3  # the prefill's token, two warm-up steps, the timed steps
     for concurrency in settings.decode_concurrency:
@@ -278,7 +280,7 @@ def measure_itl_grid(
                 engine.step()
                 _sync(device)
                 step_s.append(time.perf_counter() - start)
-            row.append(statistics.median(step_s) * 1e3)
+            row.append(min(step_s) * 1e3)
             while engine.has_unfinished_requests():
                 engine.step()
             point += 1

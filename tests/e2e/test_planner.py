@@ -1,0 +1,188 @@
+"""The planner process on a real server: load grows the decode pool, quiet shrinks it, no request is lost.
+
+The load policy runs every 0.5 s with a low KV-usage band (grow above 25%
+of a worker's 256 blocks, shrink below 5%). Six clients sending 300-token
+requests hold about half of one worker's blocks, so the planner loads
+decode_1; the router must then send it requests. Then one client sends short
+requests, KV usage falls, and the planner drains and unloads decode_1 while
+that client keeps going. Every request must succeed, the `llm` model's
+counters must add up to exactly what the clients received, and every KV
+block must come back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from planner.config import PlannerConfig
+from tools.plan import PlanSettings, build_planner_loop
+
+pytestmark = pytest.mark.e2e
+
+LLM_COUNTERS = (
+    "triton_disagg_llm_requests_started_total",
+    "triton_disagg_llm_input_tokens_total",
+    "triton_disagg_llm_output_tokens_total",
+    "triton_disagg_ttft_seconds_count",
+    "triton_disagg_itl_seconds_count",
+)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Clients:
+    """Client threads that send requests in a loop until stopped, keeping every result."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self._pool = ThreadPoolExecutor(max_workers=8)
+        self.results: list[dict] = []
+        self._lock = threading.Lock()
+        self._stops: list[threading.Event] = []
+
+    def start(self, num_clients: int, max_tokens: int, tag: str) -> Callable[[], None]:
+        """Start `num_clients` loops; returns a function that stops them and waits for their last requests."""
+        stop = threading.Event()
+        self._stops.append(stop)
+        jobs = [self._pool.submit(self._loop, stop, f"{tag} client {i}", max_tokens) for i in range(num_clients)]
+
+        def finish() -> None:
+            stop.set()
+            for job in jobs:
+                job.result()  # re-raises a failed request
+
+        return finish
+
+    def close(self) -> None:
+        """Stop every loop (after a failure, too) and let their last requests end."""
+        for stop in self._stops:
+            stop.set()
+        self._pool.shutdown(wait=True)
+
+    def _loop(self, stop: threading.Event, name: str, max_tokens: int) -> None:
+        turn = 0
+        while not stop.is_set():
+            result = self._client.generate(
+                text_input=f"{name} turn {turn}: tell me a story",
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                return_num_input_tokens=True,
+                return_num_output_tokens=True,
+            )
+            with self._lock:
+                self.results.append(result)
+            turn += 1
+
+
+def llm_counters(client) -> dict[str, float]:
+    counters = {name: sum(client.metric(name, missing_ok=True).values()) for name in LLM_COUNTERS}
+    for outcome in ("success", "error", "cancelled"):
+        counters[outcome] = sum(client.metric("triton_disagg_llm_requests_total", missing_ok=True, outcome=outcome).values())
+    return counters
+
+
+def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_decoder):
+    server = one_decoder.server
+    config = PlannerConfig(
+        policy="load",
+        adjustment_interval_s=0.5,
+        min_prefill_workers=0,
+        max_prefill_workers=1,
+        min_decode_workers=1,
+        max_decode_workers=2,
+        device_budget=3,
+        kv_usage_high=0.25,
+        kv_usage_low=0.05,
+        scale_up_cooldown_s=0.0,
+        scale_down_cooldown_s=1.0,
+        grace_period_s=1.0,
+    )
+    settings = PlanSettings(
+        http_url=server.http_url,
+        metrics_url=server.metrics_url,
+        model_repository=Path(server.run_dir) / "model_repository",
+        inventory="cpu:3",
+        metrics_port=0,
+    )
+    loop = build_planner_loop(settings, config)
+    planner_url = f"http://localhost:{loop.metrics.serve(0)}/metrics"
+    assert loop.connector.workers("decode") == ["decode_0"]
+    assert loop.inventory.describe() == "cpu:0=decode_0 cpu:1=free cpu:2=free"
+    before = llm_counters(one_decoder)
+    served_before = one_decoder.metric("triton_disagg_requests_total", missing_ok=True)
+    clients = Clients(one_decoder)
+    stop_planner = threading.Event()
+    planner = threading.Thread(target=loop.run, args=(stop_planner,), name="planner")
+    started_s = time.monotonic()
+    planner.start()
+    try:
+        finish_long = clients.start(num_clients=6, max_tokens=300, tag="long")
+        wait_for(lambda: loop.connector.workers("decode") == ["decode_0", "decode_1"], 40, "the planner to load decode_1")
+        assert loop.inventory.describe() == "cpu:0=decode_0 cpu:1=decode_1 cpu:2=free"
+
+        def decode_1_served() -> bool:
+            served = one_decoder.metric("triton_disagg_requests_total", missing_ok=True)
+            return served.get("decode_1", 0) - served_before.get("decode_1", 0) > 0
+
+        wait_for(decode_1_served, 40, "the router to send decode_1 requests")
+        finish_long()
+
+        finish_short = clients.start(num_clients=1, max_tokens=4, tag="short")
+        wait_for(lambda: loop.connector.workers("decode") == ["decode_0"], 30, "the planner to unload decode_1")
+        finish_short()
+        planner_page = requests.get(planner_url, timeout=5).text
+    finally:
+        clients.close()
+        stop_planner.set()
+        planner.join()
+        loop.metrics.close()
+    timeline = [(round(d.at_s - started_s, 1), o.num_decode_workers, d.num_decode_workers) for o, d in loop.history]
+    print(f"\n(s, decode workers, wanted) at each tick: {timeline}\n{len(clients.results)} requests")
+
+    assert loop.inventory.describe() == "cpu:0=decode_0 cpu:1=free cpu:2=free"
+    assert [r["finish_reason"] for r in clients.results] == ["length"] * len(clients.results)
+    decisions = [decision for _, decision in loop.history]
+    assert [d.num_decode_workers for d in decisions if d.is_change] == [2, 1]
+    assert [d.decode_reason for d in decisions if d.is_change] == ["scale_up", "scale_down"]
+    for series in (
+        'triton_disagg_planner_decisions_total{pool="decode",reason="scale_up"} 1.0',
+        'triton_disagg_planner_decisions_total{pool="decode",reason="scale_down"} 1.0',
+        'triton_disagg_planner_actual_workers{pool="decode"} 1.0',
+        'triton_disagg_planner_desired_workers{pool="decode"} 1.0',
+    ):
+        assert series in planner_page
+
+    # The llm counters account for exactly what the clients received.
+    num = len(clients.results)
+    expected = {
+        "triton_disagg_llm_requests_started_total": num,
+        "triton_disagg_llm_input_tokens_total": sum(r["num_input_tokens"] for r in clients.results),
+        "triton_disagg_llm_output_tokens_total": sum(r["num_output_tokens"] for r in clients.results),
+        "triton_disagg_ttft_seconds_count": num,
+        "triton_disagg_itl_seconds_count": sum(r["num_output_tokens"] - 1 for r in clients.results),
+        "success": num,
+        "error": 0,
+        "cancelled": 0,
+    }
+
+    def counted() -> dict[str, float]:
+        after = llm_counters(one_decoder)
+        return {name: after[name] - before[name] for name in expected}
+
+    wait_for(lambda: counted() == expected, 5, f"the llm counters to reach {expected} (last: {counted()})")
+
+    total = one_decoder.total_blocks()["decode_0"]
+    wait_for(lambda: one_decoder.free_blocks()["decode_0"] == total, 5, "decode_0's KV blocks to come back")
