@@ -66,7 +66,7 @@ class LLMService:
         sender = request.get_response_sender()
         try:
             parsed = parse_generate_request(read_inputs(request, LLM_INPUT_NAMES))
-            prompt_token_ids = self.tokenizer.encode(parsed.prompt).ids
+            prompt_token_ids = self.tokenizer.encode(parsed.prompt, add_special_tokens=parsed.add_special_tokens).ids
             check_context_window(len(prompt_token_ids), parsed.params.max_tokens, self.settings.max_model_len)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the client as an error response
             sender.send(error_response(e), flags=FINAL)

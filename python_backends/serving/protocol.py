@@ -37,6 +37,7 @@ LLM_INPUT_NAMES = (
     "return_num_input_tokens",
     "return_num_output_tokens",
     "routing_mode",
+    "add_special_tokens",
 )
 WORKER_INPUT_NAMES = (
     "input_ids",
@@ -67,6 +68,9 @@ class GenerateRequest:
     return_num_output_tokens: bool
     #: Overrides the router's mode for this request ("kv", "approx", "round_robin", "random").
     routing_mode: str | None = None
+    #: Let the tokenizer add its special tokens (BOS); false for a prompt rendered from a chat
+    #: template, which carries its own.
+    add_special_tokens: bool = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,6 +129,7 @@ def parse_generate_request(inputs: Inputs, *, default_max_tokens: int = DEFAULT_
         return_num_input_tokens=_bool(inputs, "return_num_input_tokens", False),
         return_num_output_tokens=_bool(inputs, "return_num_output_tokens", False),
         routing_mode=_routing_mode_name(_decode_utf8("routing_mode", _scalar(inputs, "routing_mode", None))),
+        add_special_tokens=_bool(inputs, "add_special_tokens", True),
     )
 
 

@@ -36,6 +36,7 @@ def test_defaults():
     assert request.params.is_greedy and request.params.seed is None
     assert not request.stream and not request.exclude_input_in_output
     assert request.stop_words == ()
+    assert request.add_special_tokens
 
 
 def test_every_field():
@@ -52,6 +53,7 @@ def test_every_field():
             exclude_input_in_output=np.array([True]),
             return_num_input_tokens=np.array([True]),
             return_num_output_tokens=np.array([True]),
+            add_special_tokens=np.array([False]),
         )
     )
     params = request.params
@@ -60,6 +62,7 @@ def test_every_field():
     assert request.stop_words == ("END", "日本")
     assert request.stream and request.exclude_input_in_output
     assert request.return_num_input_tokens and request.return_num_output_tokens
+    assert not request.add_special_tokens
 
 
 @pytest.mark.parametrize(
