@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP frontend for the `llm` model of a Triton server."""
