@@ -10,9 +10,11 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from python_backends.serving.settings import DEFAULT_MODEL_PATH
+from tools.frontend_process import FrontendProcess, add_frontend_flags, frontend_config
 from tools.launcher import DEFAULT_RUN_DIR, ServerConfig, ServerError, TritonServer
 
 ENV_PREFIX = "TRITON_DISAGG_"
@@ -52,6 +54,9 @@ def serve(args: argparse.Namespace) -> int:
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
     )
     server = TritonServer(config)
+    frontend = None
+    if args.frontend_port:
+        frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
     # SIGTERM (docker stop, kill) stops the server the way Ctrl-C does. SIGINT is set too:
     # a shell without job control starts background commands with it ignored.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -60,15 +65,44 @@ def serve(args: argparse.Namespace) -> int:
         server.start()
         print(f"starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
         server.wait_ready(args.ready_timeout_s)
-        _print_endpoints(server)
-        code = server.wait()
-        print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")
-        return code or 1
+        if frontend is not None:
+            frontend.start()
+            frontend.wait_ready(args.ready_timeout_s)
+        _print_endpoints(server, frontend)
+        return _wait_for_exit(server, frontend)
     except KeyboardInterrupt:
-        print("stopping tritonserver ...", flush=True)
+        print("stopping ...", flush=True)
         return 0
     finally:
+        if frontend is not None:
+            frontend.stop()
         server.stop()
+
+
+def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None) -> int:
+    """Block until the server or the frontend exits on its own; say which, and return a failing code."""
+    while True:
+        if not server.is_running():
+            code = server.wait()
+            print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")
+            return code or 1
+        if frontend is not None and (code := frontend.poll()) is not None:
+            print(f"the frontend exited with code {code}; last lines of {frontend.log_path}:\n{frontend.log_tail()}")
+            return code or 1
+        time.sleep(0.5)
+
+
+def serve_frontend(args: argparse.Namespace) -> int:
+    from frontend.server import run
+
+    config = frontend_config(
+        args,
+        args.triton_url,
+        model_path=Path(args.model_path) if args.model_path else None,
+        max_model_len=args.max_model_len,
+    )
+    run(config)
+    return 0
 
 
 def make_model(args: argparse.Namespace) -> int:
@@ -123,19 +157,23 @@ def _default_model() -> Path:
     return DEFAULT_MODEL_PATH
 
 
-def _print_endpoints(server: TritonServer) -> None:
-    print(
-        f"""ready: model {server.config.model_path}
-  workers  {", ".join(server.worker_names)}
-  HTTP     {server.http_url}
-  gRPC     {server.grpc_url}
-  metrics  {server.metrics_url}
-try:
-  curl -N {server.http_url}/v2/models/llm/generate_stream \\
-    -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
-Ctrl-C stops the server.""",
-        flush=True,
-    )
+def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None) -> None:
+    lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(server.worker_names)}"]
+    if frontend is not None:
+        lines.append(f"  OpenAI   {frontend.url}/v1  (log: {frontend.log_path})")
+    lines += [f"  HTTP     {server.http_url}", f"  gRPC     {server.grpc_url}", f"  metrics  {server.metrics_url}", "try:"]
+    auth = " -H 'Authorization: Bearer <key>'" if frontend is not None and frontend.config.api_keys else ""
+    if frontend is not None:
+        lines += [
+            f"  curl -N {frontend.url}/v1/completions{auth} -H 'Content-Type: application/json' \\",
+            f"    -d '{{\"model\": \"{frontend.config.served_model_name or server.config.model_path.resolve().name}\", \"prompt\": \"Hello\", \"max_tokens\": 16, \"stream\": true}}'",
+        ]
+    lines += [
+        f"  curl -N {server.http_url}/v2/models/llm/generate_stream \\",
+        """    -d '{"text_input": "Hello", "max_tokens": 16, "stream": true}'""",
+        "Ctrl-C stops the server.",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -219,6 +257,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tritonserver binary (default: PATH, then the nvidia-pytriton wheel)",
     )
     flag("--ready-timeout-s", type=float, default=300.0, help="seconds to wait for the models to load")
+    add_frontend_flags(flag, port_help="port of the OpenAI API started next to Triton (0: do not start it)")
+
+    frontend_parser = commands.add_parser("frontend", help="serve the OpenAI API in front of a running Triton server")
+    frontend_parser.set_defaults(run=serve_frontend)
+    flag = _EnvFlags(frontend_parser)
+    flag("--triton-url", default="localhost:8001", help="Triton's gRPC endpoint")
+    add_frontend_flags(flag)
+    flag("--model-path", metavar="PATH", default=None, help="checkpoint for the tokenizer and chat template (default: the llm model's)")
+    flag("--max-model-len", type=int, default=None, help="context window (default: the llm model's)")
 
     model_parser = commands.add_parser(
         "make-model", help="write the tiny default checkpoint (random weights, byte-level tokenizer)"
