@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import prometheus_client as prom
@@ -93,8 +94,8 @@ class PlannerLoop:
         self._clock = clock
         self._previous: tuple[float, MetricsSnapshot] | None = None
         self._loaded_at_s: dict[str, float] = {}
-        #: Every decision made, with the observation it came from (newest last).
-        self.history: list[tuple[IntervalObservation, Decision]] = []
+        #: The last 1000 decisions, each with the observation it came from (newest last).
+        self.history: deque[tuple[IntervalObservation, Decision]] = deque(maxlen=1000)
 
     def tick(self) -> Decision | None:
         """One scrape-decide-apply round; the decision, or None for a baseline or refused tick."""
@@ -129,7 +130,7 @@ class PlannerLoop:
         self.history.append((observation, decision))
         self._report(observation, decision)
         if decision.is_change:
-            self._apply(decision, workers, now_s)
+            self._apply(decision, workers)
         return decision
 
     def run(self, stop: threading.Event) -> None:
@@ -141,7 +142,7 @@ class PlannerLoop:
             next_at_s = max(next_at_s + interval_s, self._clock())
             stop.wait(max(0.0, next_at_s - self._clock()))
 
-    def _apply(self, decision: Decision, workers: dict[str, list[str]], now_s: float) -> None:
+    def _apply(self, decision: Decision, workers: dict[str, list[str]]) -> None:
         wanted = {"prefill": decision.num_prefill_workers, "decode": decision.num_decode_workers}
         change = {pool: wanted[pool] - len(workers[pool]) for pool in POOLS}
         num_loads = sum(max(0, n) for n in change.values())
@@ -160,7 +161,7 @@ class PlannerLoop:
             try:
                 if step > 0:
                     name = self.connector.add_worker(pool)
-                    self._loaded_at_s[name] = now_s
+                    self._loaded_at_s[name] = self._clock()  # grace runs from when it serves
                     logger.info("loaded %s%s", name, self._slot_text(name))
                 else:
                     name = self.connector.remove_worker(pool)
