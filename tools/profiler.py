@@ -257,7 +257,9 @@ def measure_itl_grid(
             _engine_config(
                 settings,
                 device,
-                max(2048, concurrency),
+                # Every prompt in one step: with chunks over several steps, the first prompts would
+                # decode (and finish) while the last still prefill, and the timed steps hold fewer.
+                concurrency * max_context,
                 max_num_seqs=concurrency,
                 num_blocks=concurrency * _blocks_for(max_context + num_decodes) + 1,
             )
@@ -268,9 +270,8 @@ def measure_itl_grid(
             ids = [f"decode-{context}-{i}" for i in range(concurrency)]
             for i, request_id in enumerate(ids):
                 engine.add_request(request_id, _prompt(context, seed=i), params)
-            started: set[str] = set()
-            while len(started) < concurrency:  # prefill every prompt
-                started.update(output.request_id for output in engine.step())
+            if len(engine.step()) != concurrency:
+                raise RuntimeError(f"the {concurrency} prompts of {context} tokens did not prefill in one step")
             for _ in range(2):
                 engine.step()
             step_s = []
