@@ -15,9 +15,11 @@ Three sweeps on the real engine, in this process (no server):
 3. Inter-token latency of `c` requests decoding together at a context of `T`
    tokens: the time of a decode step.
 
-Every point keeps its fastest run (its fastest step, for decode), as `timeit`
-does: other processes on a shared machine only ever add time, and two cores
-oversubscribed by a neighbour slow a step many times over.
+The prefill and TTFT sweeps run in rounds, each round visiting every point
+once, and every point keeps its fastest run (its fastest step, for decode),
+as `timeit` does: other processes on a shared machine only ever add time,
+two cores oversubscribed by a neighbour slow a step many times over, and a
+busy spell then spoils one round of every point rather than all of one.
 
 Writes the profile file `planner.profile.PerformanceProfile` reads (with the
 saturating budget and the raw token sweep) and a PNG of the curves.
@@ -157,13 +159,8 @@ def run_profile(settings: ProfileSettings, progress: Progress | None = None) -> 
     device_kind = settings.device_kind or detect_device_kind(device)
     _check_fits_model(settings, ModelConfig.from_pretrained(settings.model_path).max_position_embeddings)
 
-    sweep = []
-    budgets = settings.prefill_token_budgets
-    for i, budget in enumerate(budgets, 1):
-        tokens_per_s = measure_prefill_throughput(settings, device, budget)
-        sweep.append((budget, tokens_per_s))
-        report(f"prefill budget {budget:>6} tokens/step: {tokens_per_s:10.0f} tokens/s  ({i}/{len(budgets)})")
-    saturating = smallest_saturating_batch(budgets, [t for _, t in sweep], settings.saturation)
+    sweep = measure_prefill_sweep(settings, device, report)
+    saturating = smallest_saturating_batch(settings.prefill_token_budgets, [t for _, t in sweep], settings.saturation)
     report(f"smallest budget within {settings.saturation:.0%} of the peak: {saturating} tokens/step")
 
     ttft_ms = measure_ttft_grid(settings, device, saturating, report)
@@ -187,31 +184,32 @@ def run_profile(settings: ProfileSettings, progress: Progress | None = None) -> 
     return ProfileResult(profile=profile, device=str(device), prefill_sweep=tuple(sweep), settings=settings)
 
 
-def measure_prefill_throughput(settings: ProfileSettings, device: torch.device, budget: int) -> float:
-    """Prompt tokens/s of an engine stepping with `budget` tokens per step through a queue of prompts."""
-    length = settings.prefill_input_tokens
-    num_prompts = -(-max(settings.prefill_sweep_tokens, 4 * budget) // length)
+def measure_prefill_sweep(settings: ProfileSettings, device: torch.device, report: Progress) -> list[tuple[int, float]]:
+    """(budget, prompt tokens/s) of an engine stepping with each budget through a queue of prompts."""
+    length, budgets = settings.prefill_input_tokens, settings.prefill_token_budgets
+    num_prompts = {budget: -(-max(settings.prefill_sweep_tokens, 4 * budget) // length) for budget in budgets}
+    # One engine for every budget (one copy of the weights); its step budget is changed between runs,
+    # which the scheduler reads at each step.
     engine = LLMEngine(
         _engine_config(
             settings,
             device,
-            budget,
-            max_num_seqs=max(64, budget // length + 2),
-            num_blocks=_blocks_for(num_prompts * (length + 1)) + 1,
+            budgets[-1],
+            max_num_seqs=max(64, budgets[-1] // length + 2),
+            num_blocks=_blocks_for(max(num_prompts.values()) * (length + 1)) + 1,
         )
     )
-    rates = []
-    for run in range(settings.repeats + 1):  # the first run warms up
-        for i in range(num_prompts):
-            engine.add_request(f"prefill-{run}-{i}", _prompt(length, seed=run * num_prompts + i), _FIRST_TOKEN)
-        _sync(device)
-        start = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-        _sync(device)
-        if run:
-            rates.append(num_prompts * length / (time.perf_counter() - start))
-    return max(rates)
+    best = dict.fromkeys(budgets, 0.0)
+    for run in range(settings.repeats + 1):  # round 0 warms up
+        for budget in budgets:
+            engine.scheduler.max_num_batched_tokens = budget
+            prompts = [_prompt(length, seed=run * 1000 + i) for i in range(num_prompts[budget])]
+            tokens_per_s = len(prompts) * length / _time_batch(engine, device, prompts, f"prefill-{run}")
+            if run:
+                best[budget] = max(best[budget], tokens_per_s)
+                report(f"prefill {budget:>6} tokens/step: {tokens_per_s:10.0f} tokens/s"
+                       f"  (round {run}/{settings.repeats})")
+    return list(best.items())
 
 
 def measure_ttft_grid(
@@ -229,20 +227,18 @@ def measure_ttft_grid(
         )
     )
     _time_batch(engine, device, [_prompt(max_length, seed=0)], "warm-up")
-    grid, num_points, point = [], len(settings.ttft_input_tokens) * len(settings.ttft_batch_sizes), 0
-    for length in settings.ttft_input_tokens:
-        row = []
-        for batch in settings.ttft_batch_sizes:
-            times = [
-                _time_batch(engine, device, [_prompt(length, seed=1000 * run + i) for i in range(batch)], f"ttft-{run}")
-                for run in range(settings.repeats)
-            ]
-            row.append(min(times) * 1e3)
-            point += 1
-            report(f"ttft {batch:>3} x {length:>6} tokens at {budget} tokens/step: {row[-1]:9.1f} ms"
-                   f"  ({point}/{num_points})")
-        grid.append(tuple(row))
-    return tuple(grid)
+    points = [(length, batch) for length in settings.ttft_input_tokens for batch in settings.ttft_batch_sizes]
+    best = dict.fromkeys(points, float("inf"))
+    for run in range(1, settings.repeats + 1):
+        for length, batch in best:
+            prompts = [_prompt(length, seed=1000 * run + i) for i in range(batch)]
+            ttft_ms = _time_batch(engine, device, prompts, f"ttft-{run}") * 1e3
+            best[length, batch] = min(best[length, batch], ttft_ms)
+            report(f"ttft {batch:>3} x {length:>6} tokens at {budget} tokens/step: {ttft_ms:9.1f} ms"
+                   f"  (round {run}/{settings.repeats})")
+    return tuple(
+        tuple(best[length, batch] for batch in settings.ttft_batch_sizes) for length in settings.ttft_input_tokens
+    )
 
 
 def measure_itl_grid(
@@ -393,7 +389,7 @@ def _blocks_for(num_tokens: int) -> int:
 
 
 def _time_batch(engine: LLMEngine, device: torch.device, prompts: list[list[int]], tag: str) -> float:
-    """Seconds from submitting `prompts` together until the last has its first token."""
+    """Seconds from submitting `prompts` together until the last has its first token (the engine is idle after)."""
     _sync(device)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
