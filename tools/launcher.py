@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import site
 import subprocess
 import sys
@@ -419,3 +420,15 @@ def _is_ok(url: str) -> bool:
         return requests.get(url, timeout=2, headers={"Connection": "close"}).status_code == 200
     except requests.RequestException:
         return False
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on localhost right now (for servers started side by side)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

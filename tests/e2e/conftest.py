@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from python_backends.checkpoint import make_model
-from tools.launcher import ServerConfig, TritonServer
+from tools.launcher import ServerConfig, TritonServer, free_ports
 
 #: Small enough that a leak shows, large enough for 16 concurrent requests.
 NUM_BLOCKS = 256
@@ -33,7 +32,7 @@ def model_path(tmp_path_factory):
 
 
 def _start(tmp_path_factory, model_path, **overrides) -> TritonServer:
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     config = ServerConfig(
         **{
             "model_path": model_path,
@@ -151,14 +150,3 @@ def client(server) -> Client:
 
 def _is_final(result: grpcclient.InferResult) -> bool:
     return result.get_response().parameters["triton_final_response"].bool_param
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()

@@ -12,14 +12,15 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from frontend.config import FrontendConfig
-from tests.e2e.conftest import Client, _free_ports
+from tests.e2e.conftest import Client
 from tools.frontend_process import FrontendProcess
+from tools.launcher import free_ports
 
 API_KEY = "test-key"
 
 
 def _frontend(server, tmp_path_factory, **overrides) -> FrontendProcess:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     config = FrontendConfig(triton_url=server.grpc_url, host="127.0.0.1", port=port, **overrides)
     return FrontendProcess(config, tmp_path_factory.mktemp("frontend") / "frontend.log")
 
