@@ -31,29 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    model_path = args.model or _default_model()
-    config = ServerConfig(
-        model_path=Path(model_path),
-        run_dir=Path(args.run_dir),
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        prefill_max_num_batched_tokens=prefill_budget_from_profile(args.profile) if args.profile else None,
-        max_model_len=args.max_model_len,
-        llm_instances=args.llm_instances,
-        prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers,
-        min_remote_prefill_tokens=args.min_remote_prefill_tokens,
-        routing_mode=args.routing_mode,
-        prefill_busy_tokens=args.prefill_busy_tokens,
-        kv_hold_timeout_s=args.kv_hold_timeout_s,
-        kv_pull_timeout_s=args.kv_pull_timeout_s,
-        tritonserver=Path(args.tritonserver) if args.tritonserver else None,
-    )
-    server = TritonServer(config)
+    server = TritonServer(server_config(args))
     frontend = None
     if args.frontend_port:
         frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
@@ -103,6 +81,32 @@ def serve_frontend(args: argparse.Namespace) -> int:
     )
     run(config)
     return 0
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig that `serve`'s flags describe (the default model is created when missing)."""
+    model_path = args.model or _default_model()
+    return ServerConfig(
+        model_path=Path(model_path),
+        run_dir=Path(args.run_dir),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_max_num_batched_tokens=prefill_budget_from_profile(args.profile) if args.profile else None,
+        max_model_len=args.max_model_len,
+        llm_instances=args.llm_instances,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        min_remote_prefill_tokens=args.min_remote_prefill_tokens,
+        routing_mode=args.routing_mode,
+        prefill_busy_tokens=args.prefill_busy_tokens,
+        kv_hold_timeout_s=args.kv_hold_timeout_s,
+        kv_pull_timeout_s=args.kv_pull_timeout_s,
+        tritonserver=Path(args.tritonserver) if args.tritonserver else None,
+    )
 
 
 def make_model(args: argparse.Namespace) -> int:
@@ -308,6 +312,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     plan_parser.set_defaults(run=plan)
     add_plan_flags(_EnvFlags(plan_parser))
+
+    from tools.bench import add_bench_flags, bench
+
+    bench_parser = commands.add_parser(
+        "bench", help="measure deployments through the OpenAI API with AIPerf (sweep, rate, trace replay)"
+    )
+    bench_parser.set_defaults(run=bench)
+    add_bench_flags(_EnvFlags(bench_parser), int_list)
     return parser
 
 
