@@ -335,6 +335,7 @@ async def _events(request: Request, endpoint: str, body, shape, first: Delta, de
     except OpenAIError as e:  # the status line is sent already: the error goes in the stream
         metrics.errors.labels(endpoint, e.type).inc()
         yield f"data: {json.dumps(e.body())}\n\n".encode()
+        yield b"data: [DONE]\n\n"
         is_finished = True
     finally:
         metrics.in_flight.labels(endpoint).dec()
