@@ -300,7 +300,7 @@ def _build_parser() -> argparse.ArgumentParser:
     flag("--decode-concurrency", type=int_list, default="1,2,4,8,16,32,64", help="requests decoding together, ITL grid")
     flag("--decode-context-tokens", type=int_list, default="128,512,1024,2048", help="context lengths of the ITL grid")
     flag("--decode-steps", type=int, default=16, help="decode steps timed per ITL point")
-    flag("--repeats", type=int, default=5, help="timed runs per prefill and TTFT point (the fastest is kept)")
+    flag("--repeats", type=int, default=5, help="rounds of every sweep (each point keeps its fastest run)")
     flag("--saturation", type=float, default=0.95, help="fraction of peak prefill throughput that counts as saturated")
     flag("--output", metavar="PATH", default="results/profile/profile.json", help="profile JSON to write")
     flag("--plot", metavar="PATH", default=None, help="PNG of the curves (default: the output path with .png)")

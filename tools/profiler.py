@@ -15,11 +15,11 @@ Three sweeps on the real engine, in this process (no server):
 3. Inter-token latency of `c` requests decoding together at a context of `T`
    tokens: the time of a decode step.
 
-The prefill and TTFT sweeps run in rounds, each round visiting every point
-once, and every point keeps its fastest run (its fastest step, for decode),
-as `timeit` does: other processes on a shared machine only ever add time,
-two cores oversubscribed by a neighbour slow a step many times over, and a
-busy spell then spoils one round of every point rather than all of one.
+The sweeps run in rounds, each round visiting every point once, and every
+point keeps its fastest run (its fastest step, for decode), as `timeit` does:
+other processes on a shared machine only ever add time, two cores
+oversubscribed by a neighbour slow a step many times over, and a busy spell
+then spoils one round of every point rather than all of one.
 
 Writes the profile file `planner.profile.PerformanceProfile` reads (with the
 saturating budget and the raw token sweep) and a PNG of the curves.
@@ -71,7 +71,7 @@ class ProfileSettings:
     decode_context_tokens: tuple[int, ...] = (128, 512, 1024, 2048)
     #: Decode steps timed at each ITL point (after two warm-up steps).
     decode_steps: int = 16
-    #: Timed runs per prefill and TTFT point (plus one warm-up run per engine); the fastest is kept.
+    #: Rounds of every sweep (the prefill sweep adds a warm-up round); each point keeps its fastest.
     repeats: int = 5
     #: Fraction of peak prefill throughput a budget must reach to count as saturating.
     saturation: float = 0.95
@@ -244,28 +244,29 @@ def measure_ttft_grid(
 def measure_itl_grid(
     settings: ProfileSettings, device: torch.device, report: Progress
 ) -> tuple[tuple[float, ...], ...]:
-    """Decode step time (ms) of `c` requests decoding together at a context of `T` tokens, fastest step."""
-    grid, num_points, point = [], len(settings.decode_concurrency) * len(settings.decode_context_tokens), 0
+    """Decode step time (ms) of `c` requests decoding together at a context of `T` tokens, fastest step.
+
+    A point's prompts are prefilled in one step (so the largest c x T must fit one forward pass):
+    chunked over several steps, the first would decode, and finish, while the last still prefill.
+    """
+    max_concurrency, max_context = settings.decode_concurrency[-1], settings.decode_context_tokens[-1]
     num_decodes = settings.decode_steps + 3  # the prefill's token, two warm-up steps, the timed steps
-    for concurrency in settings.decode_concurrency:
-        max_context = settings.decode_context_tokens[-1]
-        engine = LLMEngine(
-            _engine_config(
-                settings,
-                device,
-                # Every prompt in one step: with chunks over several steps, the first prompts would
-                # decode (and finish) while the last still prefill, and the timed steps hold fewer.
-                concurrency * max_context,
-                max_num_seqs=concurrency,
-                num_blocks=concurrency * _blocks_for(max_context + num_decodes) + 1,
-            )
+    engine = LLMEngine(
+        _engine_config(
+            settings,
+            device,
+            max_concurrency * max_context,
+            max_num_seqs=max_concurrency,
+            num_blocks=max_concurrency * _blocks_for(max_context + num_decodes) + 1,
         )
-        row = []
-        for context in settings.decode_context_tokens:
-            params = SamplingParams(max_tokens=num_decodes, ignore_eos=True)
-            ids = [f"decode-{context}-{i}" for i in range(concurrency)]
-            for i, request_id in enumerate(ids):
-                engine.add_request(request_id, _prompt(context, seed=i), params)
+    )
+    params = SamplingParams(max_tokens=num_decodes, ignore_eos=True)
+    points = [(c, context) for c in settings.decode_concurrency for context in settings.decode_context_tokens]
+    best = dict.fromkeys(points, float("inf"))
+    for run in range(1, settings.repeats + 1):
+        for concurrency, context in points:
+            for i in range(concurrency):
+                engine.add_request(f"decode-{run}-{i}", _prompt(context, seed=1000 * run + i), params)
             if len(engine.step()) != concurrency:
                 raise RuntimeError(f"the {concurrency} prompts of {context} tokens did not prefill in one step")
             for _ in range(2):
@@ -277,13 +278,14 @@ def measure_itl_grid(
                 engine.step()
                 _sync(device)
                 step_s.append(time.perf_counter() - start)
-            row.append(min(step_s) * 1e3)
             while engine.has_unfinished_requests():
                 engine.step()
-            point += 1
-            report(f"itl {concurrency:>4} requests at {context:>6} tokens: {row[-1]:8.2f} ms  ({point}/{num_points})")
-        grid.append(tuple(row))
-    return tuple(grid)
+            best[concurrency, context] = min(best[concurrency, context], min(step_s) * 1e3)
+            report(f"itl {concurrency:>4} requests at {context:>6} tokens: {min(step_s) * 1e3:8.2f} ms"
+                   f"  (round {run}/{settings.repeats})")
+    return tuple(
+        tuple(best[c, context] for context in settings.decode_context_tokens) for c in settings.decode_concurrency
+    )
 
 
 def detect_device_kind(device: torch.device) -> str:
@@ -326,13 +328,14 @@ def plot(result: ProfileResult, path: Path) -> None:
                 title=f"Prefill throughput ({settings.prefill_input_tokens}-token prompts)")
     for k, batch in enumerate(profile.prefill.batch_sizes):
         axes[1].plot(profile.prefill.input_tokens, [row[k] for row in profile.prefill.ttft_ms], marker="o",
-                     label=f"{batch:g} prompts")
+                     label=f"batch of {batch:g}")
     axes[1].set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms",
                 title=f"TTFT at {result.saturating_batch_tokens} tokens/step")
     for j, context in enumerate(profile.decode.context_tokens):
         axes[2].plot(profile.decode.concurrency, [row[j] for row in profile.decode.itl_ms], marker="o",
                      label=f"context {context:g}")
-    axes[2].set(xscale="log", xlabel="requests decoding together", ylabel="ms", title="Inter-token latency")
+    axes[2].set(xscale="log", yscale="log", xlabel="requests decoding together", ylabel="ms",
+                title="Inter-token latency")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
