@@ -96,7 +96,7 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
         body = await _parse(request, CompletionRequest)
         served: ServedModel = request.app.state.model
         _check_model(served, body.model)
-        num_prompt_tokens = served.count_tokens(body.prompt_text)
+        num_prompt_tokens = await _count_tokens(served, body.prompt_text)
         max_tokens = body.max_tokens
         if max_tokens is None:  # OpenAI's default, cut to what the context window leaves
             max_tokens = max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, served.max_model_len - num_prompt_tokens))
@@ -110,12 +110,22 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
         served: ServedModel = request.app.state.model
         _check_model(served, body.model)
         prompt = served.chat_template.render(body.chat_messages())
-        num_prompt_tokens = served.count_tokens(prompt, add_special_tokens=False)
+        num_prompt_tokens = await _count_tokens(served, prompt, add_special_tokens=False)
         max_tokens = served.check_fits(num_prompt_tokens, body.requested_max_tokens, "messages")
         params = _generate_params(body, prompt, max_tokens, add_special_tokens=False)
         return await _generate(request, CHAT_COMPLETIONS, body, params, _ChatShape(served.name))
 
     return app
+
+
+#: Prompts longer than this (characters) are tokenized on a thread, not on the event loop.
+_TOKENIZE_INLINE_MAX_CHARS = 8192
+
+
+async def _count_tokens(served: ServedModel, text: str, add_special_tokens: bool = True) -> int:
+    if len(text) <= _TOKENIZE_INLINE_MAX_CHARS:
+        return served.count_tokens(text, add_special_tokens)
+    return await asyncio.to_thread(served.count_tokens, text, add_special_tokens)
 
 
 async def _parse(request: Request, model: type[BaseModel]):

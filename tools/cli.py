@@ -1,4 +1,11 @@
-"""`triton-disagg`: serve a model with Triton Inference Server, or make the default model.
+"""`triton-disagg`: serve a model with Triton Inference Server and its OpenAI frontend, and the tools around it.
+
+    serve       Triton (llm, router, kv_transfer, prefill and decode workers) plus the OpenAI API
+    frontend    the OpenAI API alone, in front of a running Triton server
+    make-model  write the tiny default checkpoint
+    profile     measure prefill and decode on the engine; the profile the SLO planner reads
+    plan        grow and shrink a running server's pools (load or SLO policy)
+    bench       measure deployments through the OpenAI API with AIPerf
 
 Every flag can also be set through an environment variable, named in --help
 (TRITON_DISAGG_<FLAG>); a flag on the command line wins.
