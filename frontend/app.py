@@ -14,13 +14,13 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,9 +53,9 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
     async def lifespan(app: FastAPI):
         state = app.state
         state.llm = llm or TritonLLM(config.triton_url)
-        state.model = model or await _resolve_model(config, state.llm)
-        logger.info("serving %s as %r (context window %d tokens)", config.triton_url, state.model.name, state.model.max_model_len)
         try:
+            state.model = model or await _resolve_model(config, state.llm)
+            logger.info("serving %s as %r (context window %d tokens)", config.triton_url, state.model.name, state.model.max_model_len)
             yield
         finally:
             if llm is None:
@@ -93,6 +93,7 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.post(COMPLETIONS, dependencies=authorized)
     async def completions(request: Request) -> Response:
+        timer = RequestTimer(request.app.state.metrics)
         body = await _parse(request, CompletionRequest)
         served: ServedModel = request.app.state.model
         _check_model(served, body.model)
@@ -102,18 +103,18 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
             max_tokens = max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, served.max_model_len - num_prompt_tokens))
         max_tokens = served.check_fits(num_prompt_tokens, max_tokens, "prompt")
         params = _generate_params(body, body.prompt_text, max_tokens, echo=body.echo)
-        return await _generate(request, COMPLETIONS, body, params, _CompletionShape(served.name))
+        return await _generate(request, COMPLETIONS, body, params, _CompletionShape(served.name), timer)
 
     @app.post(CHAT_COMPLETIONS, dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
+        timer = RequestTimer(request.app.state.metrics)
         body = await _parse(request, ChatCompletionRequest)
         served: ServedModel = request.app.state.model
         _check_model(served, body.model)
-        prompt = served.chat_template.render(body.chat_messages())
-        num_prompt_tokens = await _count_tokens(served, prompt, add_special_tokens=False)
+        prompt, num_prompt_tokens = await _render_chat(served, body.chat_messages())
         max_tokens = served.check_fits(num_prompt_tokens, body.requested_max_tokens, "messages")
         params = _generate_params(body, prompt, max_tokens, add_special_tokens=False)
-        return await _generate(request, CHAT_COMPLETIONS, body, params, _ChatShape(served.name))
+        return await _generate(request, CHAT_COMPLETIONS, body, params, _ChatShape(served.name), timer)
 
     return app
 
@@ -126,6 +127,18 @@ async def _count_tokens(served: ServedModel, text: str, add_special_tokens: bool
     if len(text) <= _TOKENIZE_INLINE_MAX_CHARS:
         return served.count_tokens(text, add_special_tokens)
     return await asyncio.to_thread(served.count_tokens, text, add_special_tokens)
+
+
+async def _render_chat(served: ServedModel, messages: list[dict[str, str]]) -> tuple[str, int]:
+    """The chat prompt and its token count (without the tokenizer's BOS: the template writes its own)."""
+
+    def render() -> tuple[str, int]:
+        prompt = served.chat_template.render(messages)
+        return prompt, served.count_tokens(prompt, add_special_tokens=False)
+
+    if sum(len(m["content"]) for m in messages) <= _TOKENIZE_INLINE_MAX_CHARS:
+        return render()
+    return await asyncio.to_thread(render)
 
 
 async def _parse(request: Request, model: type[BaseModel]):
@@ -169,7 +182,7 @@ def _name_of(path) -> str:
     return Path(path).resolve().name
 
 
-def _check_api_key(request: Request) -> None:
+async def _check_api_key(request: Request) -> None:
     keys = request.app.state.config.api_keys
     if not keys:
         return
@@ -242,32 +255,79 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def _generate(request: Request, endpoint: str, body, params: GenerateParams, shape) -> Response:
+class _Generation:
+    """One request's generation and its bookkeeping: the in-flight gauge, timing, and how it ended.
+
+    `release` runs once however the request ends (answered, failed, client
+    gone, or the stream never started because the client left first): it
+    cancels the Triton call if still open and takes the request out of flight;
+    a generation neither answered nor failed by then was cancelled by its client.
+    """
+
+    def __init__(self, request: Request, endpoint: str, params: GenerateParams, timer: RequestTimer) -> None:
+        self.metrics: FrontendMetrics = request.app.state.metrics
+        self.endpoint = endpoint
+        self.timer = timer
+        self.deltas = request.app.state.llm.generate(params)
+        #: Answered, or answered with an error; not cancelled by the client.
+        self.is_ended = False
+        self._is_released = False
+        self.metrics.in_flight.labels(endpoint).inc()
+
+    async def next(self) -> Delta:
+        delta = await anext(self.deltas)
+        if delta.finish_reason == "abort":
+            raise OpenAIError(503, "the server aborted the request (its worker was stopped); retry it", type="server_error")
+        self.timer.on_tokens(delta.num_output_tokens)
+        return delta
+
+    def answered(self, last: Delta) -> None:
+        self.is_ended = True
+        self.timer.finish(last.finish_reason, last.num_input_tokens)
+        self.metrics.requests.labels(self.endpoint, "200").inc()
+
+    def failed(self, error: OpenAIError) -> None:
+        self.is_ended = True
+        self.metrics.errors.labels(self.endpoint, error.type).inc()
+        self.metrics.requests.labels(self.endpoint, str(error.status_code)).inc()
+
+    async def release(self) -> None:
+        if self._is_released:
+            return
+        self._is_released = True
+        self.metrics.in_flight.labels(self.endpoint).dec()
+        if not self.is_ended:
+            self.metrics.finished.labels("cancelled").inc()
+            self.metrics.requests.labels(self.endpoint, "499").inc()
+        await self.deltas.aclose()
+
+
+async def _generate(request: Request, endpoint: str, body, params: GenerateParams, shape, timer: RequestTimer) -> Response:
     """Run one generation; answer it whole, or stream it as server-sent events."""
-    metrics: FrontendMetrics = request.app.state.metrics
-    timer = RequestTimer(metrics)
-    metrics.in_flight.labels(endpoint).inc()
-    deltas = request.app.state.llm.generate(params)
+    generation = _Generation(request, endpoint, params, timer)
     is_streaming = False
     try:
         # Wait for the first delta before answering, so an error at the start gets its own status.
-        first = await _until_disconnected(request, anext(deltas))
-        timer.on_tokens(first.num_output_tokens)
+        first = await _until_disconnected(request, generation.next())
         if body.stream:
-            is_streaming = True  # _events owns the request from here
-            events = _events(request, endpoint, body, shape, first, deltas, timer)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        last, text = await _until_disconnected(request, _collect(first, deltas, timer))
+            is_streaming = True  # the response owns the generation from here
+            return StreamingResponse(
+                _events(request, body, shape, first, generation),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+                # Runs even when the client left before the body started, which skips _events' finally.
+                background=BackgroundTask(generation.release),
+            )
+        last, text = await _until_disconnected(request, _collect(first, generation))
     except _ClientGone:
-        metrics.finished.labels("cancelled").inc()
-        metrics.requests.labels(endpoint, "499").inc()
         return Response(status_code=499)
+    except Exception:
+        generation.is_ended = True  # the error handlers answer and count it
+        raise
     finally:
         if not is_streaming:
-            metrics.in_flight.labels(endpoint).dec()
-            await deltas.aclose()
-    timer.finish(last.finish_reason, last.num_input_tokens)
-    metrics.requests.labels(endpoint, "200").inc()
+            await generation.release()
+    generation.answered(last)
     return JSONResponse(
         {
             "id": new_id(shape.id_prefix),
@@ -280,11 +340,10 @@ async def _generate(request: Request, endpoint: str, body, params: GenerateParam
     )
 
 
-async def _collect(first: Delta, deltas: AsyncIterator[Delta], timer: RequestTimer) -> tuple[Delta, str]:
+async def _collect(first: Delta, generation: _Generation) -> tuple[Delta, str]:
     parts, last = [first.text], first
     while last.finish_reason is None:
-        last = await anext(deltas)
-        timer.on_tokens(last.num_output_tokens)
+        last = await generation.next()
         parts.append(last.text)
     return last, "".join(parts)
 
@@ -310,9 +369,8 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(request: Request, endpoint: str, body, shape, first: Delta, deltas, timer: RequestTimer):
+async def _events(request: Request, body, shape, first: Delta, generation: _Generation):
     """Server-sent events: chunks of text, the finish reason, usage if asked, then [DONE]."""
-    metrics: FrontendMetrics = request.app.state.metrics
     chunk_id, created = new_id(shape.id_prefix), now_s()
     object_name = shape.object_name + ".chunk" if shape.object_name == "chat.completion" else shape.object_name
 
@@ -325,7 +383,7 @@ async def _events(request: Request, endpoint: str, body, shape, first: Delta, de
             return shape.choice(delta.text, delta.finish_reason, is_chunk=True)
         return shape.choice(delta.text, delta.finish_reason)
 
-    delta, is_finished = first, False
+    delta = first
     try:
         if (opening := shape.first_chunk_choice()) is not None:
             yield event([opening])
@@ -334,30 +392,27 @@ async def _events(request: Request, endpoint: str, body, shape, first: Delta, de
                 yield event([text_choice(delta)])
             if delta.finish_reason is not None:
                 break
-            delta = await anext(deltas)
-            timer.on_tokens(delta.num_output_tokens)
+            delta = await generation.next()
         if body.include_usage:
             yield event([], usage=usage(delta.num_input_tokens, delta.num_output_tokens))
         yield b"data: [DONE]\n\n"
-        is_finished = True
-        timer.finish(delta.finish_reason, delta.num_input_tokens)
-        metrics.requests.labels(endpoint, "200").inc()
-    except OpenAIError as e:  # the status line is sent already: the error goes in the stream
-        metrics.errors.labels(endpoint, e.type).inc()
-        yield f"data: {json.dumps(e.body())}\n\n".encode()
+        generation.answered(delta)
+    except Exception as e:  # the status line is sent already: the error goes in the stream
+        error = e if isinstance(e, OpenAIError) else OpenAIError(500, f"the stream failed: {type(e).__name__}: {e}", type="server_error")
+        if not isinstance(e, OpenAIError):
+            logger.exception("stream failed")
+        generation.failed(error)
+        yield f"data: {json.dumps(error.body())}\n\n".encode()
         yield b"data: [DONE]\n\n"
-        is_finished = True
     finally:
-        metrics.in_flight.labels(endpoint).dec()
-        if not is_finished:  # the client went away mid-stream
-            metrics.finished.labels("cancelled").inc()
-            metrics.requests.labels(endpoint, "499").inc()
-        await deltas.aclose()
+        await generation.release()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     def answer(request: Request, error: OpenAIError) -> JSONResponse:
-        endpoint = request.url.path
+        # The route's template, not the raw path: scanners' 404s must not add series.
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
         metrics: FrontendMetrics = request.app.state.metrics
         metrics.errors.labels(endpoint, error.type).inc()
         metrics.requests.labels(endpoint, str(error.status_code)).inc()
@@ -368,6 +423,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
         return answer(request, error)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed", exc_info=error)
+        return answer(request, OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error"))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
@@ -375,12 +435,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return answer(request, OpenAIError(error.status_code, message, type=kind))
 
 
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
 def _validation_error(problems: list[dict]) -> OpenAIError:
     """The first problem pydantic found, as a 400 naming the field."""
     problem = problems[0]
     location = [str(part) for part in problem.get("loc", ())]
-    # Drop the type tag pydantic adds inside unions ("str", "list[str]").
-    param = ".".join(part for part in location if not part.startswith(("str", "list[", "function-")))
+    # Drop the type tags pydantic adds inside unions ("str", "list[str]").
+    param = ".".join(part for part in location if part not in _UNION_TAGS and not part.startswith(("list[", "function-")))
     message = problem["msg"].removeprefix("Value error, ")
     if problem.get("type") == "missing":
         message = f"{param} is required"

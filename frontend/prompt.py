@@ -41,7 +41,9 @@ class ChatTemplate:
     """A Jinja chat template, rendered in a sandbox as transformers does."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise_template_error
         try:
             self._template = env.from_string(source)

@@ -44,7 +44,7 @@ def invalid(message: str, param: str | None = None) -> OpenAIError:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
 
@@ -59,7 +59,7 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     #: Not in OpenAI's API; vLLM and SGLang accept it. 0 disables the filter.
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
     n: int = 1

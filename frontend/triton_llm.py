@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import InferInput
@@ -22,6 +23,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from frontend.protocol import OpenAIError
 
 LLM_MODEL = "llm"
+#: Seconds a readiness or config call to Triton may take before it counts as failed.
+PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,13 +68,15 @@ class TritonLLM:
 
     async def is_ready(self) -> bool:
         try:
-            return await self._client.is_server_ready() and await self._client.is_model_ready(self.model_name)
+            return await self._client.is_server_ready(client_timeout=PROBE_TIMEOUT_S) and await self._client.is_model_ready(
+                self.model_name, client_timeout=PROBE_TIMEOUT_S
+            )
         except InferenceServerException:
             return False
 
     async def model_parameters(self) -> dict[str, str]:
         """The `llm` model's config parameters (model_path, max_model_len)."""
-        config = await self._client.get_model_config(self.model_name, as_json=True)
+        config = await self._client.get_model_config(self.model_name, as_json=True, client_timeout=PROBE_TIMEOUT_S)
         return {key: value.get("string_value", "") for key, value in config["config"].get("parameters", {}).items()}
 
     async def generate(self, params: GenerateParams) -> AsyncIterator[Delta]:
@@ -94,6 +99,11 @@ class TritonLLM:
                 if delta.finish_reason is not None:
                     return
             raise OpenAIError(502, "the llm model ended the stream without a finish reason", type="server_error")
+        except grpc.aio.AioRpcError as e:  # the connection to Triton itself failed
+            unreachable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise OpenAIError(
+                503 if unreachable else 502, f"Triton at {self.url} failed the call: {e.details()}", type="server_error"
+            ) from None
         finally:
             is_done.set()
             call.cancel()  # a no-op once the call has finished
@@ -137,9 +147,9 @@ def _delta(result) -> Delta:
 
 
 def _openai_error(error: InferenceServerException) -> OpenAIError:
-    """Triton's stream errors carry a message but no status; the frontend validated the request already,
-    so what remains is a worker that cannot take it (503) or a server fault (500)."""
+    """Triton's in-stream errors carry a message but no status code; the frontend validated the request
+    already, so what remains is a pool with no worker to take it (503) or a server fault (500)."""
     message = error.message() or str(error)
-    if message.startswith("no decode worker") or "UNAVAILABLE" in str(error.status() or ""):
+    if message.startswith("no decode worker"):
         return OpenAIError(503, message, type="service_unavailable", code="no_worker")
     return OpenAIError(500, f"the model server failed the request: {message}", type="server_error")

@@ -33,10 +33,12 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
+
+from tools.launcher import ServerError, TritonServer, free_ports
 
 #: Seconds between progress lines while AIPerf runs.
 PROGRESS_EVERY_S = 10.0
@@ -101,7 +103,7 @@ class RunResult:
     itl_p90_ms: float
     request_throughput_per_s: float
     output_token_throughput_per_s: float
-    extra: dict = field(default_factory=dict)
+    is_complete: bool = True
 
 
 def aiperf_command(target: Target, scenario: Scenario, artifact_dir: Path) -> list[str]:
@@ -202,7 +204,9 @@ def scale_trace(
 
 
 def read_run(path: Path, config: str, scenario: str, concurrency: int | None = None) -> RunResult:
-    """A RunResult from AIPerf's profile_export_aiperf.json."""
+    """A RunResult from AIPerf's profile_export_aiperf.json. Raises BenchError if it is missing."""
+    if not path.is_file():
+        raise BenchError(f"AIPerf wrote no {path.name} under {path.parent}; see its log there")
     data = json.loads(path.read_text())
 
     def stat(name: str, key: str) -> float:
@@ -223,6 +227,8 @@ def read_run(path: Path, config: str, scenario: str, concurrency: int | None = N
         itl_p90_ms=stat("inter_token_latency", "p90"),
         request_throughput_per_s=stat("request_throughput", "avg"),
         output_token_throughput_per_s=stat("output_token_throughput", "avg"),
+        # A run AIPerf cut short is still reported, marked, rather than passed off as a full point.
+        is_complete=bool(data.get("is_complete", True)) and not data.get("was_cancelled", False),
     )
 
 
@@ -260,14 +266,23 @@ def run_scenario(target: Target, scenario: Scenario, config: str, artifact_dir: 
     command = aiperf_command(target, scenario, artifact_dir)
     command[0] = str(Path(sys.executable).with_name("aiperf"))
     print(f"{label} running: {shlex.join(command[1:3])} ... (log: {log_path})", flush=True)
-    start_s = next_report_s = time.monotonic()
+    start_s = last_report_s = time.monotonic()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        while process.poll() is None:
-            time.sleep(0.5)
-            if time.monotonic() >= next_report_s + PROGRESS_EVERY_S:
-                next_report_s = time.monotonic()
-                print(f"{label} ... {next_report_s - start_s:.0f} s: {_last_progress(log_path)}", flush=True)
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)
+                if time.monotonic() >= last_report_s + PROGRESS_EVERY_S:
+                    last_report_s = time.monotonic()
+                    print(f"{label} ... {last_report_s - start_s:.0f} s: {_last_progress(log_path)}", flush=True)
+        finally:  # Ctrl-C or an error here must not leave AIPerf running
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
     if process.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise BenchError(f"aiperf failed (exit code {process.returncode}); last lines of {log_path}:\n{tail}")
@@ -296,10 +311,9 @@ def _last_progress(log_path: Path) -> str:
 
 @contextmanager
 def deployment(name: str, serve_flags: str, run_dir: Path):
-    """A fresh Triton server and frontend described by `serve` flags; yields (Target, startup seconds)."""
+    """A fresh Triton server and frontend described by `serve` flags; yields the Target to bench."""
     from tools.cli import _build_parser, server_config
     from tools.frontend_process import FrontendProcess, frontend_config
-    from tools.launcher import TritonServer, free_ports
 
     http_port, grpc_port, metrics_port, frontend_port = free_ports(4)
     argv = ["serve", *shlex.split(serve_flags), "--run-dir", str(run_dir / name)]
@@ -438,13 +452,28 @@ def bench(args: argparse.Namespace) -> int:
             for name, flags in configs.items():
                 with deployment(name, flags, output_dir / "servers") as target:
                     run_all(name, target)
-    except BenchError as e:
+    except (BenchError, ServerError) as e:
         print(f"triton-disagg bench: {e}", file=sys.stderr)
+        if results:
+            _report(results, configs, scenarios, trace_info, args.url, output_dir)
+            print("(the results above are partial)", file=sys.stderr)
         return 1
+    _report(results, configs, scenarios, trace_info, args.url, output_dir)
+    failed = sum(r.num_errors for r in results)
+    if failed:
+        print(f"{failed} requests failed; see the AIPerf logs under {output_dir}", file=sys.stderr)
+    incomplete = [f"{r.config}/{r.scenario}" for r in results if not r.is_complete]
+    if incomplete:
+        print(f"AIPerf did not complete: {', '.join(incomplete)}", file=sys.stderr)
+    return 1 if failed or incomplete else 0
+
+
+def _report(results: list[RunResult], configs: dict, scenarios: list[Scenario], trace_info, url, output_dir: Path) -> None:
+    """Print the table; write bench.json and bench.png."""
     print()
     table = print_table(results)
     report = {
-        "configs": configs or {"running": args.url},
+        "configs": configs or {"running": url},
         "scenarios": [asdict(s) | {"trace_path": str(s.trace_path) if s.trace_path else None} for s in scenarios],
         "trace": trace_info,
         "results": [asdict(r) for r in results],
@@ -453,11 +482,6 @@ def bench(args: argparse.Namespace) -> int:
     (output_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, output_dir / "bench.png")
     print(f"\nwrote {output_dir / 'bench.json'} and {output_dir / 'bench.png'}")
-    failed = sum(r.num_errors for r in results)
-    if failed:
-        print(f"{failed} requests failed; see the AIPerf logs under {output_dir}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _served_model(url: str, api_key: str | None) -> str:

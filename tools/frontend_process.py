@@ -115,7 +115,8 @@ def add_frontend_flags(flag, *, port_help: str = "port of the OpenAI API") -> No
         "--api-keys",
         metavar="KEY[,KEY...]",
         default="",
-        help="comma-separated keys accepted as `Authorization: Bearer <key>` on /v1/* (default: no keys, no auth)",
+        help="comma-separated keys accepted as `Authorization: Bearer <key>` on /v1/* (default: no keys, no auth); "
+        "keys on the command line show in `ps`, prefer the environment variable",
     )
     flag("--served-model-name", default=None, help="the model name clients send (default: the checkpoint directory's name)")
     flag("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")

@@ -130,6 +130,8 @@ BAD_REQUESTS = [
     ("empty prompt", {"prompt": ""}, 400, "prompt"),
     ("too long for the context", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
     ("unsupported logprobs", {"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("wrong stream type", {"prompt": "hi", "stream": "maybe"}, 400, "stream"),
+    ("top_k beyond int32", {"prompt": "hi", "top_k": 2**40}, 400, "top_k"),
 ]
 
 
@@ -173,7 +175,7 @@ def test_triton_control_api_is_not_exposed(frontend):
         assert response.status_code == 404, (method, path)
 
 
-def _wait_for_free_blocks(client: Client, timeout_s: float = 20.0) -> dict[str, int]:
+def _wait_for_free_blocks(client: Client, timeout_s: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout_s
     while True:
         free, total = client.free_blocks(), client.total_blocks()
@@ -182,10 +184,24 @@ def _wait_for_free_blocks(client: Client, timeout_s: float = 20.0) -> dict[str, 
         time.sleep(0.1)
 
 
+def _frontend_metric(frontend, series: str) -> float:
+    """The value of one series (name with labels, as printed) on the frontend's /metrics page; 0 if absent."""
+    for line in requests.get(f"{frontend.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+CANCELLED = 'triton_disagg_frontend_request_finish_total{reason="cancelled"}'
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 def test_disconnect_cancels_and_frees_blocks(frontend, client, model_name, stream):
     total = client.total_blocks()
-    assert _wait_for_free_blocks(client) == total
+    assert _wait_for_free_blocks(client, 20) == total
+    cancelled_in_triton = client.metric("triton_disagg_llm_requests_total", missing_ok=True, outcome="cancelled").get("llm", 0)
+    cancelled_in_frontend = _frontend_metric(frontend, CANCELLED)
+    # 3000 tokens take tens of seconds on a CPU: only a cancellation frees the blocks within the wait below.
     body = {"model": model_name, "prompt": PROMPT * 8, "max_tokens": 3000, "ignore_eos": True, "stream": stream}
     if stream:
         with requests.post(f"{frontend.url}/v1/completions", json=body, stream=True, timeout=60) as response:
@@ -195,17 +211,37 @@ def test_disconnect_cancels_and_frees_blocks(frontend, client, model_name, strea
     else:
         with pytest.raises(requests.exceptions.ReadTimeout):
             requests.post(f"{frontend.url}/v1/completions", json=body, timeout=(5, 1.0))
-    assert _wait_for_free_blocks(client) == total
-    metrics = requests.get(f"{frontend.url}/metrics", timeout=10).text
-    assert 'triton_disagg_frontend_request_finish_total{reason="cancelled"}' in metrics
+    assert _wait_for_free_blocks(client, 8) == total
+    assert _frontend_metric(frontend, CANCELLED) == cancelled_in_frontend + 1
+    assert _frontend_metric(frontend, 'triton_disagg_frontend_requests_in_flight{endpoint="/v1/completions"}') == 0
+    deadline = time.monotonic() + 5  # llm publishes its counters every 0.5 s
+    while client.metric("triton_disagg_llm_requests_total", missing_ok=True, outcome="cancelled").get("llm", 0) == cancelled_in_triton:
+        assert time.monotonic() < deadline, "the llm model never saw the cancellation"
+        time.sleep(0.2)
+
+
+def test_raw_stream_ends_with_done(frontend, model_name):
+    body = {"model": model_name, "prompt": "Hi", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(f"{frontend.url}/v1/completions", json=body, stream=True, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == b"data: [DONE]"
+    assert all(line.startswith(b"data: ") for line in events)
+    assert json.loads(events[-2][len(b"data: ") :])["usage"]["completion_tokens"] >= 1
 
 
 def test_health_and_metrics(frontend, oai, model_name):
     assert requests.get(f"{frontend.url}/live", timeout=10).json() == {"status": "live"}
     assert requests.get(f"{frontend.url}/health", timeout=10).json() == {"status": "ok"}
+    names = {
+        "ttft": "triton_disagg_frontend_time_to_first_token_seconds_count",
+        "itl": "triton_disagg_frontend_inter_token_latency_seconds_count",
+        "tokens": "triton_disagg_frontend_completion_tokens_total",
+        "ok": 'triton_disagg_frontend_requests_total{endpoint="/v1/completions",status="200"}',
+    }
+    before = {key: _frontend_metric(frontend, series) for key, series in names.items()}
     oai.completions.create(model=model_name, prompt="count me", max_tokens=4, extra_body={"ignore_eos": True})
-    metrics = requests.get(f"{frontend.url}/metrics", timeout=10).text
-    for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count", "completion_tokens_total"):
-        value = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(f"triton_disagg_frontend_{name}")))
-        assert value > 0, name
-    assert 'triton_disagg_frontend_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+    after = {key: _frontend_metric(frontend, series) for key, series in names.items()}
+    assert {key: after[key] - before[key] for key in names} == {"ttft": 1, "itl": 3, "tokens": 4, "ok": 1}
+    requests.get(f"{frontend.url}/no/such/path/{time.time()}", timeout=10)
+    assert "/no/such/path" not in requests.get(f"{frontend.url}/metrics", timeout=10).text  # no series per stray path

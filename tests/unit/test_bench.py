@@ -7,6 +7,7 @@ import pytest
 
 from tools.bench import (
     PRESETS,
+    BenchError,
     Scenario,
     Target,
     aiperf_command,
@@ -114,6 +115,11 @@ def test_read_run(tmp_path):
     assert (result.ttft_p50_ms, result.ttft_p90_ms, result.ttft_p99_ms) == (40.5, 57.0, 93.6)
     assert (result.itl_p50_ms, result.itl_p90_ms) == (11.9, 12.5)
     assert (result.request_throughput_per_s, result.output_token_throughput_per_s) == (8.5, 186.5)
+    assert result.is_complete
+    (tmp_path / "profile_export_aiperf.json").write_text(json.dumps(export | {"was_cancelled": True}))
+    assert not read_run(tmp_path / "profile_export_aiperf.json", "kv", "rate").is_complete
+    with pytest.raises(BenchError, match="wrote no"):
+        read_run(tmp_path / "missing.json", "kv", "rate")
 
 
 def test_local_hub_entry(tmp_path):
