@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import openai
@@ -245,3 +247,33 @@ def test_health_and_metrics(frontend, oai, model_name):
     assert {key: after[key] - before[key] for key in names} == {"ttft": 1, "itl": 3, "tokens": 4, "ok": 1}
     requests.get(f"{frontend.url}/no/such/path/{time.time()}", timeout=10)
     assert "/no/such/path" not in requests.get(f"{frontend.url}/metrics", timeout=10).text  # no series per stray path
+
+
+def test_triton_unreachable_gets_503(model_path, model_name, tmp_path):
+    """A frontend whose Triton is gone: probes say so, requests get an OpenAI 503, and it keeps serving."""
+    dead, port = free_ports(2)  # nothing listens on `dead`
+    command = [sys.executable, "-m", "tools.cli", "frontend", "--triton-url", f"127.0.0.1:{dead}",
+               "--frontend-host", "127.0.0.1", "--frontend-port", str(port), "--model-path", str(model_path)]  # fmt: skip
+    with open(tmp_path / "frontend.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/live", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "frontend.log").read_text()
+            time.sleep(0.2)
+        assert requests.get(f"{url}/health", timeout=10).status_code == 503
+        for stream in (False, True):
+            body = {"model": model_name, "prompt": "hi", "max_tokens": 2, "stream": stream}
+            response = requests.post(f"{url}/v1/completions", json=body, timeout=30)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["type"] == "server_error" and str(dead) in response.json()["error"]["message"]
+        assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == model_name
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
