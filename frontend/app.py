@@ -93,10 +93,7 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.post(COMPLETIONS, dependencies=authorized)
     async def completions(request: Request) -> Response:
-        timer = RequestTimer(request.app.state.metrics)
-        body = await _parse(request, CompletionRequest)
-        served: ServedModel = request.app.state.model
-        _check_model(served, body.model)
+        timer, body, served = await _begin(request, CompletionRequest)
         num_prompt_tokens = await _count_tokens(served, body.prompt_text)
         max_tokens = body.max_tokens
         if max_tokens is None:  # OpenAI's default, cut to what the context window leaves
@@ -107,16 +104,22 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.post(CHAT_COMPLETIONS, dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
-        timer = RequestTimer(request.app.state.metrics)
-        body = await _parse(request, ChatCompletionRequest)
-        served: ServedModel = request.app.state.model
-        _check_model(served, body.model)
+        timer, body, served = await _begin(request, ChatCompletionRequest)
         prompt, num_prompt_tokens = await _render_chat(served, body.chat_messages())
         max_tokens = served.check_fits(num_prompt_tokens, body.requested_max_tokens, "messages")
         params = _generate_params(body, prompt, max_tokens, add_special_tokens=False)
         return await _generate(request, CHAT_COMPLETIONS, body, params, _ChatShape(served.name), timer)
 
     return app
+
+
+async def _begin(request: Request, model: type[BaseModel]):
+    """Start timing a generation request, parse its body and check its model: (timer, body, served model)."""
+    timer = RequestTimer(request.app.state.metrics)  # TTFT counts from here: parsing and tokenizing included
+    body = await _parse(request, model)
+    served: ServedModel = request.app.state.model
+    _check_model(served, body.model)
+    return timer, body, served
 
 
 #: Prompts longer than this (characters) are tokenized on a thread, not on the event loop.

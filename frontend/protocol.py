@@ -43,6 +43,13 @@ def invalid(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param)
 
 
+def _unsupported(value):
+    """A field validator for parts of the OpenAI API this server does not implement: only unset passes."""
+    if value:
+        raise ValueError("is not supported")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -134,12 +141,7 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("is empty; send at least one character")
         return prompt
 
-    @field_validator("logprobs", "suffix")
-    @classmethod
-    def _check_unsupported(cls, value):
-        if value:
-            raise ValueError("is not supported")
-        return value
+    _check_unsupported = field_validator("logprobs", "suffix")(_unsupported)
 
     @field_validator("best_of")
     @classmethod
@@ -183,12 +185,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _check_unsupported(cls, value):
-        if value:
-            raise ValueError("is not supported")
-        return value
+    _check_unsupported = field_validator("logprobs", "tools")(_unsupported)
 
     @field_validator("response_format")
     @classmethod

@@ -12,13 +12,13 @@ from pathlib import Path
 import requests
 
 from frontend.config import DEFAULT_MAX_BODY_BYTES, FrontendConfig
-from tools.launcher import ServerError
+from tools.launcher import ChildProcess, ServerError
 
 #: API keys reach the child through the environment, not its command line (which `ps` shows).
 API_KEYS_ENV = "TRITON_DISAGG_API_KEYS"
 
 
-class FrontendProcess:
+class FrontendProcess(ChildProcess):
     """`triton-disagg frontend` in a child process; a context manager like TritonServer."""
 
     def __init__(self, config: FrontendConfig, log_path: Path) -> None:
@@ -88,23 +88,6 @@ class FrontendProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-    def log_tail(self, num_lines: int = 30) -> str:
-        if not self.log_path.is_file():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-
-    def __enter__(self) -> "FrontendProcess":
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def add_frontend_flags(flag, *, port_help: str = "port of the OpenAI API") -> None:

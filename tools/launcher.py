@@ -109,6 +109,33 @@ class ServerConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
+class ChildProcess:
+    """What a child process we start has in common: a log, and use as a context manager.
+
+    Subclasses define start() (spawn, return at once), wait_ready() (block until
+    it serves; raise if it cannot) and stop() (end it, idempotent), and set log_path.
+    """
+
+    log_path: Path
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
 @dataclass(slots=True, frozen=True)
 class TritonInstallation:
     """A tritonserver binary, its Python backend, and the libraries it needs."""
@@ -233,7 +260,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     return dest
 
 
-class TritonServer:
+class TritonServer(ChildProcess):
     """A tritonserver process serving the rendered model repository.
 
     Use as a context manager, or call `start()`, `wait_ready()` and `stop()`.
@@ -372,23 +399,6 @@ class TritonServer:
             raise ServerError("server not started")
         return self._process.wait()
 
-    def log_tail(self, num_lines: int = 40) -> str:
-        if not self.log_path.is_file():
-            return "(no log)"
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-num_lines:])
-
-    def __enter__(self) -> "TritonServer":
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def _pytriton_wheel_dir() -> Path | None:
