@@ -113,6 +113,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         kv_hold_timeout_s=args.kv_hold_timeout_s,
         kv_pull_timeout_s=args.kv_pull_timeout_s,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
+        model_control_key=args.model_control_key,
     )
 
 
@@ -268,6 +269,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tritonserver binary (default: PATH, then the nvidia-pytriton wheel)",
     )
     flag("--ready-timeout-s", type=float, default=300.0, help="seconds to wait for the models to load")
+    flag(
+        "--model-control-key",
+        metavar="KEY",
+        default=None,
+        help="refuse Triton's model-repository API (index, load, unload) to clients without header "
+        "triton-disagg-key: KEY (the planner: --api-key-header triton-disagg-key=KEY)",
+    )
     add_frontend_flags(flag, port_help="port of the OpenAI API started next to Triton (0: do not start it)")
 
     frontend_parser = commands.add_parser("frontend", help="serve the OpenAI API in front of a running Triton server")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 
+from python_backends.serving.live_workers import MODEL_CONTROL_KEY_ENV, MODEL_CONTROL_KEY_HEADER, model_control_headers
 from python_backends.serving.settings import DEFAULT_MODEL_PATH
 from tools.model_control import ModelControl
 
@@ -80,6 +81,9 @@ class ServerConfig:
     kv_pull_timeout_s: float = 30.0
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
+    #: Key of the model-repository API (index, load, unload) over HTTP and gRPC; None leaves it open.
+    #: Clients send it in the `triton-disagg-key` header (gRPC: `triton-grpc-protocol-triton-disagg-key`).
+    model_control_key: str | None = None
     #: Seconds the server waits for in-flight requests and open connections when stopped.
     exit_timeout_s: int = 10
     #: Extra `tritonserver` arguments, appended last.
@@ -107,6 +111,8 @@ class ServerConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.model_control_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.model_control_key):
+            raise ValueError("model_control_key must be non-empty printable ASCII without spaces (it is sent as a header)")
 
 
 class ChildProcess:
@@ -289,6 +295,11 @@ class TritonServer(ChildProcess):
         return f"http://localhost:{self.config.metrics_port}/metrics"
 
     @property
+    def model_control_headers(self) -> dict[str, str]:
+        """Headers a client sends to use this server's model-repository API (empty when it is open)."""
+        return model_control_headers(self.config.model_control_key)
+
+    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
@@ -314,12 +325,13 @@ class TritonServer(ChildProcess):
             f"--metrics-port={self.config.metrics_port}",
             "--allow-metrics=true",
             f"--exit-timeout-secs={self.config.exit_timeout_s}",
+            *_restricted_api_args(self.config.model_control_key),
             *self.config.extra_args,
         ]
         self._log_file = open(self.log_path, "wb")
         self._process = subprocess.Popen(
             command,
-            env=_server_environment(installation),
+            env=_server_environment(installation, self.config.model_control_key),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -343,7 +355,7 @@ class TritonServer(ChildProcess):
     def _load_workers(self) -> None:
         """Load the configured prefill and decode workers from their templates (model control)."""
         def load(name: str) -> None:
-            control = ModelControl(self.http_url)
+            control = ModelControl(self.http_url, self.model_control_headers)
             try:
                 control.load_worker(self.run_dir / "model_repository", name.rsplit("_", 1)[0], name)
             except Exception as exc:
@@ -409,9 +421,24 @@ def _pytriton_wheel_dir() -> Path | None:
     return None
 
 
-def _server_environment(installation: TritonInstallation) -> dict[str, str]:
-    """The server's environment: its libraries found, and the stub importing this project and its packages."""
+def _restricted_api_args(key: str | None) -> list[str]:
+    """tritonserver flags that refuse the model-repository API to clients without `key`."""
+    if key is None:
+        return []
+    # gRPC clients send the header with Triton's `triton-grpc-protocol-` prefix.
+    return [
+        f"--http-restricted-api=model-repository:{MODEL_CONTROL_KEY_HEADER}={key}",
+        f"--grpc-restricted-protocol=model-repository:{MODEL_CONTROL_KEY_HEADER}={key}",
+    ]
+
+
+def _server_environment(installation: TritonInstallation, model_control_key: str | None = None) -> dict[str, str]:
+    """The server's environment: its libraries found, the stub importing this project and its packages,
+    and the model-control key for the `router` model's repository-index polls (set or removed)."""
     env = dict(os.environ)
+    env.pop(MODEL_CONTROL_KEY_ENV, None)
+    if model_control_key is not None:
+        env[MODEL_CONTROL_KEY_ENV] = model_control_key
     if installation.library_dirs:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             [*map(str, installation.library_dirs), *filter(None, [env.get("LD_LIBRARY_PATH")])]

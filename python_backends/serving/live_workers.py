@@ -2,7 +2,8 @@
 
 Triton's repository index is the registry of live workers. `split_workers`,
 `kv_event_endpoints` and `worker_loads` are pure; `RepositoryWatcher` polls
-the local server's index and hands the READY model names to a callback.
+the local server's index and hands the READY model names to a callback,
+with the model-control key when the server restricts its repository API.
 No torch here: the `llm` and `router` models import this module.
 """
 
@@ -21,6 +22,17 @@ logger = logging.getLogger(__name__)
 
 PREFILL_NAME = re.compile(r"^prefill_\d+$")
 DECODE_NAME = re.compile(r"^decode_\d+$")
+
+#: Header carrying the model-control key of a server started with one (`serve --model-control-key`).
+MODEL_CONTROL_KEY_HEADER = "triton-disagg-key"
+#: Environment variable through which the server's Python models get that key. An environment
+#: variable, not a model parameter: parameters can be read by anyone through the model-config API.
+MODEL_CONTROL_KEY_ENV = "TRITON_DISAGG_MODEL_CONTROL_KEY"
+
+
+def model_control_headers(key: str | None) -> dict[str, str]:
+    """HTTP headers that open a repository API restricted by `key` (none without a key)."""
+    return {MODEL_CONTROL_KEY_HEADER: key} if key else {}
 
 
 def split_workers(model_names: list[str]) -> tuple[list[str], list[str]]:
@@ -62,14 +74,24 @@ def worker_loads(prometheus_text: str) -> dict[str, WorkerMetrics]:
 
 
 class RepositoryWatcher:
-    """Polls `POST /v2/repository/index` every `interval_s` and calls `on_live(ready_model_names)`."""
+    """Polls `POST /v2/repository/index` every `interval_s` and calls `on_live(ready_model_names)`.
 
-    def __init__(self, http_url: str, on_live: Callable[[list[str]], None], interval_s: float = 1.0) -> None:
+    `headers` go with every poll (the model-control key of a restricted repository API).
+    """
+
+    def __init__(
+        self,
+        http_url: str,
+        on_live: Callable[[list[str]], None],
+        interval_s: float = 1.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self._url = f"{http_url}/v2/repository/index"
         self._on_live = on_live
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._session = requests.Session()
+        self._session.headers.update(headers or {})
         self._thread = threading.Thread(target=self._run, name="repository-watcher", daemon=True)
 
     def start(self) -> None:

@@ -49,8 +49,16 @@ class Route:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, http_url: str, kv_events_dir: str, metrics_url: str = "") -> None:
-        """`metrics_url`: the server's metrics page, whose worker load reports refresh the router's view."""
+    def __init__(
+        self,
+        config: RouterConfig,
+        http_url: str,
+        kv_events_dir: str,
+        metrics_url: str = "",
+        repository_headers: dict[str, str] | None = None,
+    ) -> None:
+        """`metrics_url`: the server's metrics page, whose worker load reports refresh the router's view;
+        `repository_headers`: sent with the repository-index polls (the key of a restricted API)."""
         self.config = config
         self._metrics_url = metrics_url
         self._session = requests.Session()
@@ -61,7 +69,7 @@ class RouterService:
         self._prefill: list[WorkerId] = []
         self._decode: list[WorkerId] = []
         self._draining: set[WorkerId] = set()  # live, but sent no new requests (about to be unloaded)
-        self._watcher = RepositoryWatcher(http_url, self._on_live)
+        self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
         self._watcher.start()
 
     def route(self, request_id: str, prompt_token_ids: list[int], mode: RoutingMode | None) -> Route:

@@ -13,8 +13,11 @@ from python_backends.serving.settings import (
     model_parameters,
 )
 from router.config import RouterConfig, RoutingMode
+from python_backends.serving.live_workers import MODEL_CONTROL_KEY_ENV
 from tools.launcher import (
     ServerConfig,
+    _restricted_api_args,
+    _server_environment,
     find_tritonserver,
     prepare_backend_directory,
     render_model_repository,
@@ -113,6 +116,28 @@ def test_config_rejects_clashing_ports(tmp_path):
     config = ServerConfig(model_path=fake_checkpoint(tmp_path / "m"), http_port=9000, grpc_port=9000)
     with pytest.raises(ValueError, match="must differ"):
         config.validate()
+
+
+@pytest.mark.parametrize("key", ["", "with space", "tab\t", "caf\u00e9"])
+def test_config_rejects_a_model_control_key_that_is_no_header_value(tmp_path, key):
+    config = ServerConfig(model_path=fake_checkpoint(tmp_path / "m"), model_control_key=key)
+    with pytest.raises(ValueError, match="model_control_key must be"):
+        config.validate()
+
+
+def test_the_model_control_key_restricts_both_protocols_and_reaches_the_models_by_environment(tmp_path, monkeypatch):
+    key = "k3y=a:b"
+    assert _restricted_api_args(key) == [
+        "--http-restricted-api=model-repository:triton-disagg-key=k3y=a:b",
+        "--grpc-restricted-protocol=model-repository:triton-disagg-key=k3y=a:b",
+    ]
+    assert _restricted_api_args(None) == []
+    monkeypatch.setenv(MODEL_CONTROL_KEY_ENV, "from the shell")
+    assert _server_environment(find_tritonserver(), key)[MODEL_CONTROL_KEY_ENV] == key
+    assert MODEL_CONTROL_KEY_ENV not in _server_environment(find_tritonserver(), None)
+    config = ServerConfig(model_path=fake_checkpoint(tmp_path / "m"), run_dir=tmp_path / "run", model_control_key=key)
+    repository = render_model_repository(config, tmp_path / "repo")
+    assert not [p for p in repository.rglob("*") if p.is_file() and key in p.read_text(errors="replace")]
 
 
 def _parameters_of(pbtxt_path: Path) -> dict[str, str]:

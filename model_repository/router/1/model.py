@@ -1,7 +1,9 @@
 """Triton model `router`: KV-aware worker choice; see python_backends/serving/router_service.py."""
 
 import json
+import os
 
+from python_backends.serving.live_workers import MODEL_CONTROL_KEY_ENV, model_control_headers
 from python_backends.serving.router_service import RouterService
 from python_backends.serving.settings import model_parameters
 from router.config import RouterConfig
@@ -15,6 +17,8 @@ class TritonPythonModel:
             http_url=f"http://localhost:{parameters.get('http_port') or 8000}",
             kv_events_dir=parameters.get("kv_events_dir", ""),
             metrics_url=f"http://localhost:{parameters['metrics_port']}/metrics" if parameters.get("metrics_port") else "",
+            # Inherited from the server's environment (see tools/launcher.py), never a parameter.
+            repository_headers=model_control_headers(os.environ.get(MODEL_CONTROL_KEY_ENV)),
         )
 
     def execute(self, requests):
