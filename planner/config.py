@@ -83,6 +83,11 @@ class PlannerConfig:
     holt_beta: float = 0.4
     #: Requests an interval needs before its mean lengths are trusted.
     min_requests_per_interval: int = 5
+    #: SLO policy: correct the profile by the latency measured in serving (observed / profiled, as
+    #: Dynamo's SLA planner does): a decode ITL worse than profiled tightens the ITL target the
+    #: profile is read at and slows the tokens per worker by the same factor; a TTFT better than
+    #: profiled (prefix-cache hits) lowers the prefill need.
+    latency_correction: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", _enum(PlannerPolicy, self.policy, "policy"))

@@ -40,6 +40,10 @@ from planner.profile import PerformanceProfile
 #: Keeps float noise (2.0000000001 workers) from costing a whole worker.
 _CEIL_SLACK = 1e-9
 
+#: Bound on a latency correction factor: one odd interval (a stall, an idle pool) must not swing
+#: the plan by more than this.
+MAX_CORRECTION = 4.0
+
 
 @dataclass(slots=True)
 class _PoolState:
@@ -178,20 +182,30 @@ class Planner:
         throughput = profile.prefill.throughput_tokens_per_s(input_tokens, batch)
         # Prompts already waiting must be prefilled within the next interval too.
         backlog_tokens_per_s = (obs.prefill_pending_tokens or 0) / config.adjustment_interval_s
-        need_p = (rate * input_tokens + backlog_tokens_per_s) * headroom / throughput
+        # Only a TTFT better than profiled counts (prefix-cache hits save prefill work); a worse one
+        # is queueing, which the backlog term and the load it reflects already answer.
+        ttft_factor = min(1.0, self._correction(obs.ttft_mean_ms, profile.prefill.ttft_at_ms(input_tokens, 1)))
+        need_p = (rate * input_tokens + backlog_tokens_per_s) * headroom * ttft_factor / throughput
         prefill = _Ask(
             math.ceil(need_p - _CEIL_SLACK),
             f"({rate:.3g} req/s x {input_tokens:.0f} tok + {backlog_tokens_per_s:.0f} tok/s backlog) x {headroom:g} "
+            f"{'' if ttft_factor == 1 else f'x {ttft_factor:.2f} TTFT correction '}"
             f"/ {throughput:.0f} tok/s (batch {batch}) = {need_p:.2f} workers{prefill_note}",
         )
 
         context_tokens = input_tokens + output_tokens / 2
-        max_concurrency = profile.decode.max_concurrency_within(context_tokens, config.itl_ms)
-        decode_note = ""
+        running = max(1.0, obs.decode_running_requests or 1.0)
+        itl_factor = self._correction(obs.itl_mean_ms, profile.decode.itl_at_ms(running, context_tokens))
+        itl_target_ms = config.itl_ms / itl_factor  # read the profile where it meets the target in practice
+        max_concurrency = profile.decode.max_concurrency_within(context_tokens, itl_target_ms)
+        decode_note = "" if itl_factor == 1 else f" (ITL correction {itl_factor:.2f}: profile read at {itl_target_ms:.3g} ms)"
         if max_concurrency is None:
             max_concurrency = 1
-            decode_note = f" (ITL {config.itl_ms:g} ms unreachable at {context_tokens:.0f} tokens)"
-        itl_s = profile.decode.itl_at_ms(max_concurrency, context_tokens) / 1000.0
+            decode_note += f" (ITL {config.itl_ms:g} ms unreachable at {context_tokens:.0f} tokens)"
+        # Little's law with the ITL serving really gives at that concurrency: the profiled one times the
+        # correction. (Dynamo's planner moves only the target; then a worker's throughput is overstated
+        # by the same factor and the pool comes out short.)
+        itl_s = profile.decode.itl_at_ms(max_concurrency, context_tokens) * itl_factor / 1000.0
         concurrency = rate * output_tokens * itl_s * headroom
         need_d = concurrency / max_concurrency
         decode = _Ask(
@@ -200,6 +214,12 @@ class Planner:
             f"{concurrency:.1f} in flight / {max_concurrency} per worker = {need_d:.2f} workers{decode_note}",
         )
         return prefill, decode
+
+    def _correction(self, observed_ms: float | None, profiled_ms: float) -> float:
+        """observed / profiled latency, clipped to [1 / MAX_CORRECTION, MAX_CORRECTION]; 1 when off or unmeasured."""
+        if not self.config.latency_correction or observed_ms is None or observed_ms <= 0 or profiled_ms <= 0:
+            return 1.0
+        return min(MAX_CORRECTION, max(1.0 / MAX_CORRECTION, observed_ms / profiled_ms))
 
     # -- constraints ------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class IntervalObservation:
     prefill_queue_tokens: int | None = None
     #: Prompt tokens being prefilled, at the end of the interval.
     active_prefill_tokens: int | None = None
+    #: Mean requests running per decode worker, at the end of the interval.
+    decode_running_requests: float | None = None
     #: Mean fraction (0-1) of the decode workers' KV cache in use.
     decode_kv_usage: float | None = None
 

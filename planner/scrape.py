@@ -12,7 +12,8 @@ each worker's gauges. Two snapshots and the seconds between them make an
   Python backend of Triton 2.51), so the `*_p50_ms`/`*_p99_ms` fields stay None;
 - `prefill_queue_tokens`, `active_prefill_tokens`: summed over the prefill
   workers (0 with no prefill worker: decode workers then prefill themselves);
-- `decode_kv_usage`: mean over the decode workers of (blocks - free) / blocks.
+- `decode_kv_usage`: mean over the decode workers of (blocks - free) / blocks;
+- `decode_running_requests`: mean over the decode workers of their running batch.
 
 A counter that went down was reset (the `llm` model reloaded); its delta is
 then its new value, as Prometheus' `increase()` takes it.
@@ -51,6 +52,7 @@ class WorkerGauges:
     num_free_blocks: int
     waiting_prompt_tokens: int = 0
     prefilling_tokens: int = 0
+    running_requests: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -79,6 +81,7 @@ _WORKER_GAUGES = {
     "triton_disagg_kv_free_blocks": "num_free_blocks",
     "triton_disagg_waiting_prompt_tokens": "waiting_prompt_tokens",
     "triton_disagg_prefilling_tokens": "prefilling_tokens",
+    "triton_disagg_running_requests": "running_requests",
 }
 
 
@@ -141,6 +144,7 @@ def observe_interval(
         prefill_queue_tokens=sum(w.waiting_prompt_tokens for w in prefill) if has_prefill_report else None,
         active_prefill_tokens=sum(w.prefilling_tokens for w in prefill) if has_prefill_report else None,
         decode_kv_usage=sum(w.kv_usage for w in decode) / len(decode) if decode else None,
+        decode_running_requests=sum(w.running_requests for w in decode) / len(decode) if decode else None,
     )
 
 

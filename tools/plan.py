@@ -179,6 +179,8 @@ _CONFIG_FLAGS = (
     ("--kv-usage-high", "kv_usage_high", float, "load policy: decode KV usage (0-1) to grow above"),
     ("--kv-usage-low", "kv_usage_low", float, "load policy: decode KV usage (0-1) to shrink below"),
     ("--capacity-headroom", "capacity_headroom", float, "slo policy: spare capacity planned for (0.2: 20%%)"),
+    ("--min-requests-per-interval", "min_requests_per_interval", int, "requests an interval needs to be learnt from"),
+    ("--latency-correction", "latency_correction", "bool", "slo policy: correct the profile by measured TTFT/ITL"),
 )
 
 
@@ -203,7 +205,10 @@ def add_plan_flags(flag) -> None:
     )
     flag("--profile", metavar="FILE", default=None, help="profile file for the slo policy (triton-disagg profile)")
     for name, field, kind, text in _CONFIG_FLAGS:
-        flag(name, type=kind, default=getattr(_CONFIG_DEFAULTS, field), help=text)
+        if kind == "bool":
+            flag(name, type=_parse_bool, nargs="?", const=True, default=getattr(_CONFIG_DEFAULTS, field), help=text)
+        else:
+            flag(name, type=kind, default=getattr(_CONFIG_DEFAULTS, field), help=text)
     flag("--dry-run", type=_parse_bool, nargs="?", const=True, default=False, help="log decisions, change nothing")
     flag("--api-key-header", metavar="NAME=VALUE", default=None, help="header for a restricted model-repository API")
     flag("--planner-port", type=int, default=defaults.metrics_port, help="port of the planner's own metrics (0: any)")

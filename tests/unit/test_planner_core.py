@@ -119,6 +119,39 @@ def test_slo_scale_down_when_load_falls():
     assert decision.reason == "prefill=scale_down decode=scale_down"
 
 
+def test_slo_itl_worse_than_profiled_tightens_the_decode_plan():
+    """Decode runs 10 requests a worker; the profile says 13 + 2 * 10 = 33 ms, serving measures 66 ms:
+    correction 2, so the profile is read at 50 / 2 = 25 ms: 13 + 2c <= 25 -> c = 6 at 25 ms, which
+    serving turns into 2 * 25 = 50 ms. In flight: 4 * 200 * 0.050 = 40 requests / 6 = 6.67 -> 7 decode
+    workers (3 uncorrected)."""
+    observation = make_observation(itl_mean_ms=66.0, decode_running_requests=10.0)
+    decision = make_planner(max_decode_workers=16, device_budget=32).tick(observation, now_s=0.0)
+    assert decision.num_decode_workers == 7
+    assert "ITL correction 2.00" in decision.detail and "6 per worker" in decision.detail
+    uncorrected = make_planner(latency_correction=False).tick(observation, now_s=0.0)
+    assert uncorrected.num_decode_workers == 3
+
+
+def test_slo_ttft_better_than_profiled_lowers_the_prefill_plan_and_worse_does_not_raise_it():
+    """The profile's TTFT for one 10900-token prompt is 10900 * 2 / 20 = 1090 ms. Serving measures 545 ms
+    (prefix-cache hits): correction 0.5, need 3.27 * 0.5 = 1.635 -> 2 prefill workers (4 uncorrected).
+    A measured 2180 ms (queueing) would be 2; it is capped at 1 and the plan stays at 4."""
+    better = make_planner().tick(make_observation(ttft_mean_ms=545.0), now_s=0.0)
+    assert better.num_prefill_workers == 2 and "x 0.50 TTFT correction" in better.detail
+    worse = make_planner().tick(make_observation(ttft_mean_ms=2180.0), now_s=0.0)
+    assert worse.num_prefill_workers == 4 and "TTFT correction" not in worse.detail
+
+
+def test_slo_correction_is_bounded():
+    """An ITL 100x the profile's (a stalled interval) counts as 4x: target 50 / 4 = 12.5 ms is below
+    the profile's 15 ms at one request, so one request per worker at 4 * 15 = 60 ms:
+    4 * 200 * 0.060 = 48 -> 48 workers (not 100x that)."""
+    decision = make_planner(max_decode_workers=64, device_budget=128).tick(
+        make_observation(itl_mean_ms=3300.0, decode_running_requests=10.0), now_s=0.0
+    )
+    assert "ITL correction 4.00" in decision.detail and decision.num_decode_workers == 48
+
+
 def test_slo_steady_when_pools_fit():
     decision = make_planner().tick(make_observation(num_prefill_workers=4, num_decode_workers=3), now_s=0.0)
     assert decision.reason == "prefill=steady decode=steady"
