@@ -100,10 +100,12 @@ class PlannerConfig:
             high = getattr(self, f"max_{pool}_workers")
             if low < 0:
                 raise ValueError(f"min_{pool}_workers must be >= 0, got {low}")
-            if high < max(low, 1):
+            # A deployment may run aggregated (no prefill pool); it always needs a decode worker.
+            floor = 1 if pool == "decode" else 0
+            if high < max(low, floor):
                 raise ValueError(
-                    f"max_{pool}_workers ({high}) must be >= min_{pool}_workers ({low}) and >= 1; "
-                    f"raise max_{pool}_workers"
+                    f"max_{pool}_workers ({high}) must be >= min_{pool}_workers ({low})"
+                    f"{' and >= 1' if floor else ''}; raise max_{pool}_workers"
                 )
             devices = getattr(self, f"devices_per_{pool}_worker")
             if devices < 1:

@@ -12,6 +12,9 @@ block must come back.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,9 +25,13 @@ import pytest
 import requests
 
 from planner.config import PlannerConfig
+from tools.launcher import free_ports
 from tools.plan import PlanSettings, build_planner_loop
 
 pytestmark = pytest.mark.e2e
+
+#: The recorded profile of the default model (`triton-disagg profile`).
+PROFILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "planner" / "profile.json"
 
 LLM_COUNTERS = (
     "triton_disagg_llm_requests_started_total",
@@ -184,5 +191,64 @@ def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_
 
     wait_for(lambda: counted() == expected, 5, f"the llm counters to reach {expected} (last: {counted()})")
 
+    total = one_decoder.total_blocks()["decode_0"]
+    wait_for(lambda: one_decoder.free_blocks()["decode_0"] == total, 5, "decode_0's KV blocks to come back")
+
+
+def test_plan_command_with_the_slo_policy_scales_decode_and_back(one_decoder, tmp_path):
+    """`triton-disagg plan` as its own process, SLO policy on the recorded profile of the default model.
+
+    An ITL target of 2 ms is below what the profile gives one request at these lengths (about 2.2 ms),
+    so a decode worker takes one request at a time; with 200% headroom, six clients in a loop ask
+    for more than one worker (about 6 req/s x 64 tokens x 2.2 ms x 3 = 2.5 in flight): the pool,
+    capped at 2, grows. With no traffic the need is 0 and it shrinks back to 1.
+    """
+    server = one_decoder.server
+    (planner_port,) = free_ports(1)
+    command = [
+        sys.executable, "-m", "tools.cli", "plan", "--policy", "slo", "--profile", str(PROFILE),
+        "--http-url", server.http_url, "--metrics-url", server.metrics_url,
+        "--model-repository", str(Path(server.run_dir) / "model_repository"), "--inventory", "cpu:3",
+        "--planner-port", str(planner_port), "--interval-s", "1", "--ttft-ms", "5000", "--itl-ms", "2",
+        "--capacity-headroom", "2", "--min-requests-per-interval", "1", "--grace-period-s", "1",
+        "--scale-down-cooldown-s", "2", "--min-prefill-workers", "0", "--max-prefill-workers", "0",
+        "--max-decode-workers", "2", "--device-budget", "3", "--predictor", "constant",
+    ]  # fmt: skip
+    log_path = tmp_path / "plan.log"
+    clients = Clients(one_decoder)
+    served_before = one_decoder.metric("triton_disagg_requests_total", missing_ok=True)
+    with open(log_path, "wb") as log:
+        planner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    planner_url = f"http://localhost:{planner_port}/metrics"
+
+    def actual_decode_workers() -> float | None:
+        assert planner.poll() is None, log_path.read_text()
+        try:
+            page = requests.get(planner_url, timeout=2).text
+        except requests.ConnectionError:
+            return None
+        match = re.search(r'^triton_disagg_planner_actual_workers\{pool="decode"\} (\S+)$', page, re.MULTILINE)
+        return float(match.group(1)) if match else None
+
+    try:
+        wait_for(lambda: actual_decode_workers() == 1.0, 30, "the planner to start")
+        finish = clients.start(num_clients=6, max_tokens=64, tag="slo")
+        wait_for(lambda: actual_decode_workers() == 2.0, 60, "the SLO planner to load decode_1")
+
+        def decode_1_served() -> bool:
+            served = one_decoder.metric("triton_disagg_requests_total", missing_ok=True)
+            return served.get("decode_1", 0) - served_before.get("decode_1", 0) > 0
+
+        wait_for(decode_1_served, 40, "the router to send decode_1 requests")
+        finish()
+        wait_for(lambda: actual_decode_workers() == 1.0, 40, "the SLO planner to unload decode_1")
+    finally:
+        clients.close()
+        planner.terminate()
+        planner.wait(timeout=30)
+    text = log_path.read_text()
+    print(f"\n{len(clients.results)} requests; planner log:\n" + "\n".join(line[:160] for line in text.splitlines() if "decision" in line and "steady decode=steady" not in line))
+    assert "loaded decode_1" in text and "drained and unloaded decode_1" in text
+    assert [r["finish_reason"] for r in clients.results] == ["length"] * len(clients.results)
     total = one_decoder.total_blocks()["decode_0"]
     wait_for(lambda: one_decoder.free_blocks()["decode_0"] == total, 5, "decode_0's KV blocks to come back")

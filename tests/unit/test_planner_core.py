@@ -152,6 +152,15 @@ def test_slo_correction_is_bounded():
     assert "ITL correction 4.00" in decision.detail and decision.num_decode_workers == 48
 
 
+def test_slo_aggregated_deployment_keeps_an_empty_prefill_pool():
+    """max_prefill_workers 0: the 3.27 prefill workers the load needs are clipped to 0; decode still plans 3."""
+    decision = make_planner(min_prefill_workers=0, max_prefill_workers=0).tick(
+        make_observation(num_prefill_workers=0), now_s=0.0
+    )
+    assert (decision.num_prefill_workers, decision.num_decode_workers) == (0, 3)
+    assert decision.prefill_action is ScaleAction.HOLD
+
+
 def test_slo_steady_when_pools_fit():
     decision = make_planner().tick(make_observation(num_prefill_workers=4, num_decode_workers=3), now_s=0.0)
     assert decision.reason == "prefill=steady decode=steady"
