@@ -49,6 +49,8 @@ MAX_CORRECTION = 4.0
 class _PoolState:
     last_change_at_s: float | None = None
     grace_until_s: float = -math.inf
+    #: (last_change_at_s, grace_until_s) before the last decision changed them, until `applied` confirms it.
+    saved: tuple[float | None, float] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +93,8 @@ class Planner:
         self._prefill = _PoolState()
         self._decode = _PoolState()
         self._last_tick_s: float | None = None
+        #: Pool sizes when the last decision was taken, until `applied` reports what it reached.
+        self._sizes_before: tuple[int, int] | None = None
 
     def tick(self, observation: IntervalObservation, now_s: float) -> Decision:
         """Decide the pool sizes after the interval `observation` covers; mutates the planner's memory.
@@ -128,6 +132,7 @@ class Planner:
                 reason_d = reason_d if next_d > now_d else "budget_clipped"
             is_clipped = True
 
+        self._sizes_before = (now_p, now_d)
         action_p = self._commit(self._prefill, now_p, next_p, now_s)
         action_d = self._commit(self._decode, now_d, next_d, now_s)
         return Decision(
@@ -184,7 +189,7 @@ class Planner:
         backlog_tokens_per_s = (obs.prefill_pending_tokens or 0) / config.adjustment_interval_s
         # Only a TTFT better than profiled counts (prefix-cache hits save prefill work); a worse one
         # is queueing, which the backlog term and the load it reflects already answer.
-        ttft_factor = min(1.0, self._correction(obs.ttft_mean_ms, profile.prefill.ttft_at_ms(input_tokens, 1)))
+        ttft_factor = min(1.0, self._correction(obs, obs.ttft_mean_ms, profile.prefill.ttft_at_ms(input_tokens, 1)))
         need_p = (rate * input_tokens + backlog_tokens_per_s) * headroom * ttft_factor / throughput
         prefill = _Ask(
             math.ceil(need_p - _CEIL_SLACK),
@@ -194,8 +199,11 @@ class Planner:
         )
 
         context_tokens = input_tokens + output_tokens / 2
-        running = max(1.0, obs.decode_running_requests or 1.0)
-        itl_factor = self._correction(obs.itl_mean_ms, profile.decode.itl_at_ms(running, context_tokens))
+        # Without the running batch there is nothing to compare the measured ITL with: no correction.
+        running = obs.decode_running_requests
+        itl_factor = 1.0
+        if running is not None and running >= 1:
+            itl_factor = self._correction(obs, obs.itl_mean_ms, profile.decode.itl_at_ms(running, context_tokens))
         itl_target_ms = config.itl_ms / itl_factor  # read the profile where it meets the target in practice
         max_concurrency = profile.decode.max_concurrency_within(context_tokens, itl_target_ms)
         decode_note = "" if itl_factor == 1 else f" (ITL correction {itl_factor:.2f}: profile read at {itl_target_ms:.3g} ms)"
@@ -215,9 +223,12 @@ class Planner:
         )
         return prefill, decode
 
-    def _correction(self, observed_ms: float | None, profiled_ms: float) -> float:
-        """observed / profiled latency, clipped to [1 / MAX_CORRECTION, MAX_CORRECTION]; 1 when off or unmeasured."""
+    def _correction(self, obs: IntervalObservation, observed_ms: float | None, profiled_ms: float) -> float:
+        """observed / profiled latency, clipped to [1 / MAX_CORRECTION, MAX_CORRECTION]; 1 when off, unmeasured,
+        or measured on fewer requests than an interval needs to be trusted."""
         if not self.config.latency_correction or observed_ms is None or observed_ms <= 0 or profiled_ms <= 0:
+            return 1.0
+        if obs.num_requests < self.config.min_requests_per_interval:
             return 1.0
         return min(MAX_CORRECTION, max(1.0 / MAX_CORRECTION, observed_ms / profiled_ms))
 
@@ -233,7 +244,7 @@ class Planner:
         if needed <= budget:
             return want_p, want_d, False
         if want_p is None:
-            room = (budget - config.devices_for(0, p)) // config.devices_per_decode_worker
+            room = (budget - config.devices_for(p, 0)) // config.devices_per_decode_worker
             return None, max(config.min_decode_workers, min(d, room)), True
         if want_d is None:
             room = (budget - config.devices_for(0, d)) // config.devices_per_prefill_worker
@@ -277,9 +288,26 @@ class Planner:
             return now, "cooldown"
         return want, "scale_up"
 
+    def applied(self, num_prefill_workers: int, num_decode_workers: int) -> None:
+        """Report the pool sizes the last decision's changes reached. A pool that did not change at all
+        (the change was refused or failed) gets the cooldown and grace it had before that decision, so
+        the next tick judges it as the pool it really is."""
+        if self._sizes_before is None:
+            return
+        for pool, before, after in (
+            (self._prefill, self._sizes_before[0], num_prefill_workers),
+            (self._decode, self._sizes_before[1], num_decode_workers),
+        ):
+            if after == before and pool.saved is not None:
+                pool.last_change_at_s, pool.grace_until_s = pool.saved
+            pool.saved = None
+        self._sizes_before = None
+
     def _commit(self, pool: _PoolState, now: int, new: int, now_s: float) -> ScaleAction:
+        pool.saved = None
         if new == now:
             return ScaleAction.HOLD
+        pool.saved = (pool.last_change_at_s, pool.grace_until_s)
         pool.last_change_at_s = now_s
         if new > now:
             pool.grace_until_s = now_s + self.config.grace_period_s

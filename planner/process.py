@@ -10,9 +10,10 @@ Each tick of `PlannerLoop`:
 3. runs `Planner.tick` and logs the decision with its reason;
 4. applies it through the connector: removals first, then loads. A decision
    whose loads do not fit the free device slots is refused whole, before any
-   change. Each load and each drain-and-unload is atomic; if one fails, the
-   rest of the decision is dropped (logged and counted), and the next tick
-   starts from the pools as they are;
+   change. If a load or a drain-and-unload fails, the rest of the decision is
+   dropped (logged and counted), and the next tick starts from the pools as
+   they are; a pool that did not change gets back the cooldown and grace it
+   had (`Planner.applied`);
 5. exports desired and actual workers per pool and decisions by reason.
 """
 
@@ -153,6 +154,7 @@ class PlannerLoop:
                 f"{num_loads} worker(s) to load but {self.inventory.num_free} device slot(s) free "
                 f"({self.inventory.describe()}); nothing changed",
             )
+            self.planner.applied(len(workers["prefill"]), len(workers["decode"]))
             return
         # Removals first: they free the slots that loads may need.
         steps = [(pool, -1) for pool in POOLS for _ in range(max(0, -change[pool]))]
@@ -172,9 +174,13 @@ class PlannerLoop:
                 self.metrics.refusals.labels(reason="apply_failed").inc()
                 break
         try:
-            self._set_actual({pool: self.connector.workers(pool) for pool in POOLS})
+            after = {pool: self.connector.workers(pool) for pool in POOLS}
         except Exception as error:  # noqa: BLE001 - the next tick refreshes it
             logger.warning("could not list workers after applying: %s", error)
+            return
+        self._set_actual(after)
+        # Cooldown and grace start only for a pool that really changed.
+        self.planner.applied(len(after["prefill"]), len(after["decode"]))
 
     def _slot_text(self, name: str) -> str:
         slot = self.inventory.slot_of(name) if self.inventory is not None else None

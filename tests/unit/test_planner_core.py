@@ -330,3 +330,52 @@ def test_ticks_must_go_forward():
     planner.tick(make_observation(), now_s=30.0)
     with pytest.raises(ValueError, match="before the previous tick"):
         planner.tick(make_observation(), now_s=0.0)
+
+
+# -- what the loop reports back, and corrections on thin data ----------------------------------
+
+
+def test_a_change_that_was_not_applied_starts_no_cooldown():
+    """Tick 1 wants prefill 1 -> 4 (SLO arithmetic above) with a 100 s scale-up cooldown. The loop
+    could not load anything and reports the pools unchanged, so tick 2 asks again instead of
+    waiting out a cooldown for a change that never happened. Without the report it is cooldown."""
+    planner = make_planner(scale_up_cooldown_s=100.0)
+    assert planner.tick(make_observation(), now_s=0.0).num_prefill_workers == 4
+    planner.applied(num_prefill_workers=1, num_decode_workers=1)
+    again = planner.tick(make_observation(), now_s=1.0)
+    assert (again.prefill_reason, again.num_prefill_workers) == ("scale_up", 4)
+
+    unreported = make_planner(scale_up_cooldown_s=100.0)
+    unreported.tick(make_observation(), now_s=0.0)
+    assert unreported.tick(make_observation(), now_s=1.0).prefill_reason == "cooldown"
+
+
+def test_a_change_that_was_applied_keeps_its_cooldown():
+    planner = make_planner(scale_up_cooldown_s=100.0)
+    planner.tick(make_observation(), now_s=0.0)
+    planner.applied(num_prefill_workers=4, num_decode_workers=3)
+    assert planner.tick(make_observation(num_prefill_workers=4, num_decode_workers=3, request_rate_per_s=8.0), now_s=1.0).prefill_reason == "cooldown"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"itl_mean_ms": 66.0},  # no running batch to compare with
+        {"itl_mean_ms": 66.0, "decode_running_requests": 0.0},
+        {"itl_mean_ms": 66.0, "decode_running_requests": 10.0, "num_requests": 4},  # below min_requests_per_interval 5
+    ],
+)
+def test_no_itl_correction_without_trustworthy_data(overrides):
+    """Each case plans the uncorrected 3 decode workers of the first test (lengths learnt on a first tick)."""
+    planner = make_planner()
+    planner.tick(make_observation(), now_s=0.0)
+    decision = planner.tick(make_observation(**overrides), now_s=1.0)
+    assert decision.num_decode_workers == 3 and "ITL correction" not in decision.detail
+
+
+def test_budget_fit_counts_prefill_devices_with_the_prefill_size():
+    """2 prefill workers of 2 devices hold 4 of 6; decode workers take 1 device each, so a decode ask of 8
+    fits 6 - 4 = 2 workers (counting prefill workers at the decode size would leave room for 4)."""
+    planner = Planner(make_config(policy="load", devices_per_prefill_worker=2, device_budget=6, max_decode_workers=8))
+    observation = make_observation(num_prefill_workers=2, num_decode_workers=1)
+    assert planner._fit_budget(None, 8, observation) == (None, 2, True)

@@ -72,12 +72,14 @@ def test_an_unreachable_metrics_endpoint_refuses_the_tick(caplog):
 
 
 def test_a_decision_that_needs_more_slots_than_are_free_changes_nothing(caplog):
-    loop, connector = make_loop([page(0, 80), page(20, 10)], inventory="cpu:1", device_budget=2)
+    loop, connector = make_loop([page(0, 80), page(20, 10), page(40, 10)], inventory="cpu:1", device_budget=2)
     loop.tick()
     assert loop.tick().num_decode_workers == 2
     assert "1 worker(s) to load but 0 device slot(s) free (cpu:0=decode_0); nothing changed" in caplog.text
     assert sample(loop, "triton_disagg_planner_refused_ticks_total", reason="no_free_device") == 1
     assert connector.log == []
+    # The refused change never happened, so the next tick is neither in grace nor in cooldown: it asks again.
+    assert loop.tick().decode_reason == "scale_up"
 
 
 @pytest.mark.parametrize(
