@@ -11,16 +11,25 @@ these threads.
 Relay threads only add to plain totals under a lock; one publisher thread
 moves what accumulated to Triton every `publish_interval_s`. Metric calls are
 IPCs to the server, so the relay path never waits on them and never makes
-them from several threads at once. Every `llm` instance publishes into the
+them from several threads at once. A call that fails is logged and what it
+and the calls after it would have sent stays pending for the next round, so
+the counters lag but lose nothing. Every `llm` instance publishes into the
 same series (same name and labels), so the figures are the model's totals.
+
+Each counter is its own call, so a scrape can land between two of them. Each
+count is sent just before the total it divides (requests started, then their
+prompt tokens; TTFT count, then sum; ITL count, then sum; requests ended, then
+their output tokens), so the window is short, but a scrape may still see one
+interval's count without its total: that interval's mean then reads low and
+the next one's high.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, fields
-
-import triton_python_backend_utils as pb_utils
+from typing import Protocol
 
 #: How a request ended: the worker finished it, it failed or was refused, or the client went away.
 OUTCOMES = ("success", "error", "cancelled")
@@ -36,25 +45,46 @@ _COUNTERS = {
     "triton_disagg_itl_seconds_count": "Tokens after the first of each request",
 }
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class _Totals:
+    """Counts not yet published, in publish order: each count just before the total it divides."""
+
     requests_started: int = 0
     input_tokens: int = 0
-    output_tokens: int = 0
-    ttft_sum_s: float = 0.0
     ttft_count: int = 0
-    itl_sum_s: float = 0.0
+    ttft_sum_s: float = 0.0
     itl_count: int = 0
+    itl_sum_s: float = 0.0
     success: int = 0
     error: int = 0
     cancelled: int = 0
+    output_tokens: int = 0
+
+    def add(self, other: _Totals) -> None:
+        for field in fields(_Totals):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
-class LLMMetrics:
-    """Counters of one `llm` instance, labelled `model=llm`. Call `close()` last."""
+class CounterSink(Protocol):
+    """Where the publisher sends totals: one call per `_Totals` field with a non-zero increase.
 
-    def __init__(self, publish_interval_s: float = 0.5) -> None:
+    `field` is a `_Totals` field name, `value` > 0. May raise (a Triton metric
+    call is an IPC); the publisher then keeps that value and the rest pending.
+    """
+
+    def increment(self, field: str, value: float) -> None: ...
+
+
+class _TritonCounters:
+    """The `llm` counters on Triton's metric API, labelled `model=llm`."""
+
+    def __init__(self) -> None:
+        # Imported here so that the accumulation and the publisher run (and are tested) without Triton.
+        import triton_python_backend_utils as pb_utils
+
         labels = {"model": "llm"}
         counter = pb_utils.MetricFamily.COUNTER
         # Families and metrics vanish from the server with their Python objects: keep them.
@@ -69,6 +99,16 @@ class LLMMetrics:
             "itl_sum_s": self._families["triton_disagg_itl_seconds_sum"].Metric(labels=labels),
             "itl_count": self._families["triton_disagg_itl_seconds_count"].Metric(labels=labels),
         } | {outcome: by_outcome.Metric(labels=labels | {"outcome": outcome}) for outcome in OUTCOMES}
+
+    def increment(self, field: str, value: float) -> None:
+        self._metrics[field].increment(value)
+
+
+class LLMMetrics:
+    """Counters of one `llm` instance, published to `sink` (Triton's, by default). Call `close()` last."""
+
+    def __init__(self, publish_interval_s: float = 0.5, sink: CounterSink | None = None) -> None:
+        self._sink = sink if sink is not None else _TritonCounters()
         self._pending = _Totals()
         self._lock = threading.Lock()
         self._publish_interval_s = publish_interval_s
@@ -101,19 +141,29 @@ class LLMMetrics:
             self._pending.output_tokens += num_output_tokens
 
     def close(self) -> None:
-        """Stop the publisher and publish what is left."""
+        """Stop the publisher and publish what is left; raises what the sink raised."""
         self._stop.set()
         self._thread.join()
         self._publish()
 
     def _run(self) -> None:
         while not self._stop.wait(self._publish_interval_s):
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # noqa: BLE001 - a dead publisher would freeze the counters the planner scales by
+                logger.exception("publishing the llm metrics failed; retrying in %.1f s", self._publish_interval_s)
 
     def _publish(self) -> None:
+        """Send the pending totals; on a failed call, it and the unsent rest stay pending, and it raises."""
         with self._lock:
             pending, self._pending = self._pending, _Totals()
-        for field in fields(_Totals):
-            value = getattr(pending, field.name)
-            if value:
-                self._metrics[field.name].increment(value)
+        try:
+            for field in fields(_Totals):
+                value = getattr(pending, field.name)
+                if value:
+                    self._sink.increment(field.name, value)
+                    setattr(pending, field.name, 0)
+        finally:
+            if any(getattr(pending, field.name) for field in fields(_Totals)):
+                with self._lock:
+                    self._pending.add(pending)
