@@ -15,14 +15,17 @@ each worker's gauges. Two snapshots and the seconds between them make an
 - `decode_kv_usage`: mean over the decode workers of (blocks - free) / blocks;
 - `decode_running_requests`: mean over the decode workers of their running batch.
 
-A counter that went down was reset (the `llm` model reloaded); its delta is
-then its new value, as Prometheus' `increase()` takes it.
+If any `llm` counter went down, the `llm` model reloaded and all its counters
+restarted from zero, including those that since climbed past their old value:
+every `llm` delta of that interval is then the counter's new value (what
+Prometheus' `increase()` takes for a reset counter), so sums and counts stay
+paired.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from planner.observations import IntervalObservation
 
@@ -122,11 +125,12 @@ def observe_interval(
     """The interval between two scrapes `interval_s` apart, for the workers live at its end."""
     if interval_s <= 0:
         raise ValueError(f"interval_s must be > 0, got {interval_s}")
-    was, now = previous.llm, current.llm
-    started = _increase(was.requests_started, now.requests_started)
-    ended = _increase(was.requests_ended, now.requests_ended)
-    ttft_count = _increase(was.ttft_count, now.ttft_count)
-    itl_count = _increase(was.itl_count, now.itl_count)
+    now = current.llm
+    was = LLMCounters() if _was_reset(previous.llm, now) else previous.llm
+    started = now.requests_started - was.requests_started
+    ended = now.requests_ended - was.requests_ended
+    ttft_count = now.ttft_count - was.ttft_count
+    itl_count = now.itl_count - was.itl_count
     prefill = [current.workers[w] for w in prefill_workers if w in current.workers]
     decode = [current.workers[w] for w in decode_workers if w in current.workers]
     has_prefill_report = bool(prefill) or not prefill_workers
@@ -135,12 +139,12 @@ def observe_interval(
         num_decode_workers=len(decode_workers),
         num_requests=round(started),
         request_rate_per_s=started / interval_s,
-        mean_input_tokens=_ratio(_increase(was.input_tokens, now.input_tokens), started),
-        mean_output_tokens=_ratio(_increase(was.output_tokens, now.output_tokens), ended),
+        mean_input_tokens=_ratio(now.input_tokens - was.input_tokens, started),
+        mean_output_tokens=_ratio(now.output_tokens - was.output_tokens, ended),
         num_prefill_workers_in_grace=num_prefill_workers_in_grace,
         num_decode_workers_in_grace=num_decode_workers_in_grace,
-        ttft_mean_ms=_ratio(_increase(was.ttft_sum_s, now.ttft_sum_s) * 1000.0, ttft_count),
-        itl_mean_ms=_ratio(_increase(was.itl_sum_s, now.itl_sum_s) * 1000.0, itl_count),
+        ttft_mean_ms=_ratio((now.ttft_sum_s - was.ttft_sum_s) * 1000.0, ttft_count),
+        itl_mean_ms=_ratio((now.itl_sum_s - was.itl_sum_s) * 1000.0, itl_count),
         prefill_queue_tokens=sum(w.waiting_prompt_tokens for w in prefill) if has_prefill_report else None,
         active_prefill_tokens=sum(w.prefilling_tokens for w in prefill) if has_prefill_report else None,
         decode_kv_usage=sum(w.kv_usage for w in decode) / len(decode) if decode else None,
@@ -148,8 +152,8 @@ def observe_interval(
     )
 
 
-def _increase(was: float, now: float) -> float:
-    return now - was if now >= was else now
+def _was_reset(was: LLMCounters, now: LLMCounters) -> bool:
+    return any(getattr(now, f.name) < getattr(was, f.name) for f in fields(LLMCounters))
 
 
 def _ratio(total: float, count: float) -> float | None:

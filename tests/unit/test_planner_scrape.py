@@ -151,6 +151,25 @@ def test_a_counter_that_went_down_was_reset_and_counts_from_zero():
     assert (observation.mean_input_tokens, observation.mean_output_tokens) == (8.0, 7.0)
 
 
+def test_one_counter_that_went_down_resets_all_llm_counters():
+    """llm reloaded and served 3 requests of 500 prompt tokens before the second page: requests_started
+    went down (12 to 3) but input_tokens went up (1016 to 1500). Every delta is the new value:
+    3 requests in 2 s, 1500 / 3 = 500 prompt and 3000 / 2 = 1500 output tokens, TTFT 3.0 s / 3 = 1000 ms,
+    ITL 2.5 s / 2500 = 1 ms (counter by counter it would be 484 / 3 prompt tokens and 1.0 s / 3 TTFT)."""
+    before = MetricsSnapshot(llm=LLMCounters(
+        requests_started=12, requests_ended=10, input_tokens=1016, output_tokens=2014,
+        ttft_sum_s=2.0, ttft_count=12, itl_sum_s=2.0, itl_count=2004,
+    ))
+    after = MetricsSnapshot(llm=LLMCounters(
+        requests_started=3, requests_ended=2, input_tokens=1500, output_tokens=3000,
+        ttft_sum_s=3.0, ttft_count=3, itl_sum_s=2.5, itl_count=2500,
+    ))
+    observation = observe_interval(before, after, 2.0, [], [])
+    assert (observation.num_requests, observation.request_rate_per_s) == (3, 1.5)
+    assert (observation.mean_input_tokens, observation.mean_output_tokens) == (500.0, 1500.0)
+    assert (observation.ttft_mean_ms, observation.itl_mean_ms) == (1000.0, 1.0)
+
+
 def test_workers_without_a_report_yet_are_counted_but_not_averaged():
     """decode_1 is listed but has not published gauges: the mean KV usage is decode_0's alone;
     a prefill pool whose workers all lack reports has unknown load (None), an empty one has none (0)."""
