@@ -1,12 +1,16 @@
 """Request-level metrics of the `llm` entry model, on Triton's metrics endpoint.
 
-Latency is measured where the client's stream starts: from the moment `llm`
-accepted a request to its first token (TTFT), and between tokens after that
-(ITL: each response adds its gap to the sum and its token count to the count,
-so sum / count is the mean time per token). Both are exported as a pair of
-counters, `_sum` and `_count`, so a scraper takes the mean over any interval
-from two scrapes; Triton 2.51 crashed (SIGSEGV) with histograms observed from
-these threads.
+Latency is measured where the client's stream starts. TTFT runs from the
+moment `llm` accepted a request to its first token. ITL covers the responses
+after the first token: each adds its gap since the previous tokens to the sum
+and its number of tokens to the count, so each of its tokens counts that gap
+divided among them and sum / count is the mean time per token. Tokens that
+come in the same response as the first token have no gap to measure and are
+not counted; workers send one token per response, so the count is each
+request's tokens after the first. Both are exported as a pair of counters,
+`_sum` and `_count`, so a scraper takes the mean over any interval from two
+scrapes; Triton 2.51 crashed (SIGSEGV) with histograms observed from these
+threads.
 
 Relay threads only add to plain totals under a lock; one publisher thread
 moves what accumulated to Triton every `publish_interval_s`. Metric calls are
@@ -41,8 +45,8 @@ _COUNTERS = {
     "triton_disagg_llm_output_tokens_total": "Tokens generated for the requests llm ended",
     "triton_disagg_ttft_seconds_sum": "Sum of times to first token (accepted to first token), seconds",
     "triton_disagg_ttft_seconds_count": "Requests that reached their first token",
-    "triton_disagg_itl_seconds_sum": "Sum of the gaps between tokens after the first, seconds",
-    "triton_disagg_itl_seconds_count": "Tokens after the first of each request",
+    "triton_disagg_itl_seconds_sum": "Sum of the gaps between responses after the first token, seconds",
+    "triton_disagg_itl_seconds_count": "Tokens in the responses after the first token",
 }
 
 logger = logging.getLogger(__name__)
@@ -127,7 +131,7 @@ class LLMMetrics:
             self._pending.ttft_count += 1
 
     def next_tokens(self, gap_s: float, num_tokens: int) -> None:
-        """`num_tokens` more tokens arrived `gap_s` after the previous ones."""
+        """`num_tokens` more tokens arrived in one response, `gap_s` after the previous response."""
         with self._lock:
             self._pending.itl_sum_s += gap_s
             self._pending.itl_count += num_tokens
