@@ -9,7 +9,7 @@ import pytest
 from planner.profile import PerformanceProfile
 from tools.cli import main, prefill_budget_from_profile
 from tools.launcher import ServerConfig, render_model_repository
-from tools.profiler import ProfileSettings, run_profile, smallest_saturating_batch, write_outputs
+from tools.profiler import ProfileResult, ProfileSettings, run_profile, smallest_saturating_batch, write_outputs
 
 
 def tiny_settings(model_path, **overrides) -> ProfileSettings:
@@ -29,6 +29,12 @@ def tiny_settings(model_path, **overrides) -> ProfileSettings:
     )
     fields.update(overrides)
     return ProfileSettings(**fields)
+
+
+def chosen_from_sweep(result: ProfileResult) -> int:
+    """The budget `smallest_saturating_batch` picks from the sweep `result` recorded."""
+    budgets = [budget for budget, _ in result.prefill_sweep]
+    return smallest_saturating_batch(budgets, [rate for _, rate in result.prefill_sweep], result.settings.saturation)
 
 
 # A CPU prefill curve: peak 35200 tokens/s at 256, so 95% of it is 33440 tokens/s.
@@ -93,16 +99,24 @@ def test_profile_of_the_tiny_model_loads_as_a_planner_profile(tiny_model, tmp_pa
     assert profile.prefill.batch_sizes == (1.0, 2.0)
     assert profile.decode.concurrency == (1.0, 4.0)
     assert profile.decode.context_tokens == (16.0, 64.0)
-    assert profile.prefill.saturating_batch_tokens in (16, 64, 256)
     raw = json.loads((tmp_path / "profile.json").read_text())
     assert raw["prefill_token_sweep"]["batch_tokens"] == [16, 64, 256]
+    assert profile.prefill.saturating_batch_tokens == chosen_from_sweep(result)
     assert (tmp_path / "profile.png").read_bytes().startswith(b"\x89PNG")
     # One line per sweep point, and one for the choice: 3 budgets, 1 choice, 2x2 TTFT, 2x2 ITL.
     assert len(messages) == 3 + 1 + 4 + 4
     assert messages[3].startswith("smallest budget within 95% of the peak:")
 
 
-def test_cli_profile_then_serve_renders_prefill_with_the_saturating_budget(tiny_model, tmp_path, capsys):
+def test_cli_profile_then_serve_renders_prefill_with_the_saturating_budget(tiny_model, tmp_path, capsys, monkeypatch):
+    results: list[ProfileResult] = []
+
+    def run_and_keep(settings, progress=None):
+        results.append(run_profile(settings, progress))
+        return results[-1]
+
+    # The file rounds throughputs, so the choice is checked against the unrounded sweep the CLI ran.
+    monkeypatch.setattr("tools.profiler.run_profile", run_and_keep)
     output = tmp_path / "out" / "profile.json"
     code = main([
         "profile", "--model", str(tiny_model), "--device", "cpu", "--prefill-token-budgets", "16,32",
@@ -113,7 +127,8 @@ def test_cli_profile_then_serve_renders_prefill_with_the_saturating_budget(tiny_
     assert code == 0
     assert output.with_suffix(".png").is_file()
     budget = prefill_budget_from_profile(output)
-    assert budget in (16, 32)
+    assert [b for b, _ in results[0].prefill_sweep] == [16, 32]
+    assert budget == chosen_from_sweep(results[0])
     assert f"serve --profile {output}" in capsys.readouterr().out
 
     config = ServerConfig(model_path=tiny_model, run_dir=tmp_path / "run", prefill_max_num_batched_tokens=budget)
