@@ -47,6 +47,7 @@ class _Tracked:
     reported: WorkerMetrics | None = None
     recent_blocks: float = 0.0  # as of recent_at_s
     recent_at_s: float = 0.0
+    num_requests: int = 0  # routed here (to prefill or decode) and not complete
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +102,9 @@ class LoadTracker:
         self._prefilling.add(request_id)
         prefill.queued_prefill_tokens += num_prefill_tokens
         decode.active_decode_blocks += num_decode_blocks
+        prefill.num_requests += 1
+        if decode is not prefill:
+            decode.num_requests += 1
         decode.recent_blocks = self._decayed(decode, now_s) + num_decode_blocks
         decode.recent_at_s = max(now_s, decode.recent_at_s)
 
@@ -116,8 +120,13 @@ class LoadTracker:
         """The request finished (or failed): remove all its load."""
         self.prefill_done(request_id)
         active = self._requests.pop(request_id, None)
-        if active is not None and active.decode_worker_id in self._workers:
+        if active is None:
+            return
+        if active.decode_worker_id in self._workers:
             self._workers[active.decode_worker_id].active_decode_blocks -= active.num_decode_blocks
+        for worker_id in {active.prefill_worker_id, active.decode_worker_id}:
+            if worker_id in self._workers:
+                self._workers[worker_id].num_requests -= 1
 
     def refresh(self, worker_id: WorkerId, metrics: WorkerMetrics) -> None:
         """Record a worker's reported load (replacing its previous report)."""
@@ -143,6 +152,14 @@ class LoadTracker:
     @property
     def num_active_requests(self) -> int:
         return len(self._requests)
+
+    def num_requests_on(self, worker_id: WorkerId) -> int:
+        """Requests routed to a known worker, for prefill or decode, whose `complete` has not come.
+
+        Counted from `add`, so a request still on its way to the worker counts.
+        Raises KeyError for an unknown worker.
+        """
+        return self._worker(worker_id).num_requests
 
     def _decayed(self, tracked: _Tracked, now_s: float) -> float:
         elapsed_s = max(now_s - tracked.recent_at_s, 0.0)

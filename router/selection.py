@@ -357,6 +357,10 @@ class KvRouter:
     def on_complete(self, request_id: str) -> None:
         self.loads.complete(request_id)
 
+    def num_requests_on(self, worker_id: WorkerId) -> int:
+        """Requests routed to `worker_id` (as prefill or decode worker) and not complete; KeyError if unknown."""
+        return self.loads.num_requests_on(worker_id)
+
     def refresh_metrics(self, worker_id: WorkerId, metrics: WorkerMetrics) -> None:
         self.loads.refresh(worker_id, metrics)
 

@@ -5,7 +5,9 @@ events (ZeroMQ), the load it routed, and the live worker set from Triton's
 repository index (workers that load or unload join or leave; the state of
 the others survives). `llm` asks it three things per request: where to go
 (`route`), that the first token arrived (`first_token`), and that it ended
-(`complete`).
+(`complete`). The planner's connector removes a worker with `drain` (no new
+requests), `inflight` (requests routed to it that have not completed) and,
+when the removal is called off, `undrain`.
 """
 
 from __future__ import annotations
@@ -102,11 +104,32 @@ class RouterService:
             )
 
     def drain(self, worker_name: str) -> None:
-        """Send `worker_name` no new requests; it leaves the set when it is unloaded."""
+        """Send `worker_name` no new requests; it leaves the set when it is unloaded.
+
+        Requests routed to it before this returns are counted by `num_inflight`.
+        """
         with self._lock:
             if worker_name not in self._prefill and worker_name not in self._decode:
                 raise InvalidRequest(f"worker_name {worker_name!r} is not a live prefill or decode worker")
             self._draining.add(WorkerId(worker_name))
+
+    def undrain(self, worker_name: str) -> None:
+        """Send `worker_name` new requests again (a removal called off). Idempotent."""
+        with self._lock:
+            self._draining.discard(WorkerId(worker_name))
+
+    def num_inflight(self, worker_name: str) -> int:
+        """Requests routed to `worker_name`, as prefill or decode worker, whose `complete` has not come.
+
+        A request counts from its route decision, so one still queued in Triton
+        on its way to the worker counts too. Raises InvalidRequest for a worker
+        the router does not know (not loaded, or unloaded already).
+        """
+        with self._lock:
+            try:
+                return self.router.num_requests_on(WorkerId(worker_name))
+            except KeyError:
+                raise InvalidRequest(f"worker_name {worker_name!r} is not a worker the router knows") from None
 
     def on_first_token(self, request_id: str) -> None:
         with self._lock:
@@ -120,11 +143,17 @@ class RouterService:
         try:
             inputs = read_inputs(request, ROUTER_INPUT_NAMES)
             action = bytes(inputs["action"].reshape(-1)[0]).decode()
-            if action == "drain":
+            if action in ("drain", "undrain", "inflight"):
                 if inputs["worker_name"] is None:
-                    raise InvalidRequest("action drain needs worker_name")
-                self.drain(bytes(inputs["worker_name"].reshape(-1)[0]).decode())
-                return pb_utils.InferenceResponse(output_tensors=[])
+                    raise InvalidRequest(f"action {action} needs worker_name")
+                worker_name = bytes(inputs["worker_name"].reshape(-1)[0]).decode()
+                if action == "undrain":
+                    self.undrain(worker_name)
+                    return pb_utils.InferenceResponse(output_tensors=[])
+                if action == "drain":
+                    self.drain(worker_name)
+                num_inflight = np.array([self.num_inflight(worker_name)], dtype=np.int32)
+                return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("num_inflight", num_inflight)])
             if inputs["request_id"] is None:
                 raise InvalidRequest(f"action {action} needs request_id")
             request_id = bytes(inputs["request_id"].reshape(-1)[0]).decode()
@@ -135,7 +164,9 @@ class RouterService:
                 self.on_complete(request_id)
                 return pb_utils.InferenceResponse(output_tensors=[])
             if action != "route":
-                raise InvalidRequest(f"action must be route, first_token, complete or drain, got {action!r}")
+                raise InvalidRequest(
+                    f"action must be route, first_token, complete, drain, undrain or inflight, got {action!r}"
+                )
             mode = inputs["routing_mode"]
             mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
             route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)

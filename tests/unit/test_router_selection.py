@@ -265,3 +265,32 @@ def test_config_from_environment(monkeypatch):
     monkeypatch.setenv("TRITON_DISAGG_ROUTER_BLOCK_SIZE", "32")
     config = RouterConfig.from_env()
     assert (config.mode, config.block_size) == (RoutingMode.ROUND_ROBIN, 32)
+
+
+def test_requests_count_on_their_workers_from_route_to_complete():
+    """What a drain waits for: r1 prefills on A and decodes on B, r2 runs on B alone, r3 on C alone.
+    A request counts once on each distinct worker, from the route decision (before any
+    token) past its first token, until `complete`; removing C forgets r3."""
+    router = make_router(A, B, C)
+    router.route_pair(request("r1"), 0.0, prefill_worker_ids=[A], decode_worker_ids=[B])
+    router.route(request("r2"), 0.0, [B])
+    router.route(request("r3"), 0.0, [C])
+    assert [router.num_requests_on(w) for w in (A, B, C)] == [1, 2, 1]
+    router.on_first_token("r1")
+    assert [router.num_requests_on(w) for w in (A, B, C)] == [1, 2, 1]
+    router.on_complete("r1")
+    router.on_complete("r1")
+    assert [router.num_requests_on(w) for w in (A, B, C)] == [0, 1, 1]
+    router.sync_workers([A, B])
+    router.on_complete("r2")
+    assert [router.num_requests_on(w) for w in (A, B)] == [0, 0]
+    with pytest.raises(KeyError, match="'c' is not known"):
+        router.num_requests_on(C)
+
+
+def test_removing_a_prefill_worker_uncounts_its_requests_on_the_decode_worker():
+    router = make_router(A, B)
+    router.route_pair(request("r1"), 0.0, prefill_worker_ids=[A], decode_worker_ids=[B])
+    router.sync_workers([B])
+    assert router.num_requests_on(B) == 0
+    assert router.loads.num_active_requests == 0
