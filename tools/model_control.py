@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,25 @@ class ModelControl:
                 return Placement(gpu=int(group["gpus"][0]))
         return Placement()
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        """Unload `name` and wait until it is gone: UNAVAILABLE or absent in the repository index.
+
+        Triton answers the unload call before the model's instances are
+        finalized, so without the wait a model loaded next on the same GPU
+        could overlap the one leaving. Raises TimeoutError when `name` is still
+        READY, LOADING or UNLOADING after `timeout_s`.
+        """
         self._client.unload_model(name, headers=self._headers)
+        deadline_s = time.monotonic() + timeout_s
+        while (state := self.state_of(name)) not in (None, "UNAVAILABLE"):
+            if time.monotonic() > deadline_s:
+                raise TimeoutError(f"{name} was still {state} {timeout_s:.0f} s after its unload")
+            time.sleep(poll_s)
+
+    def state_of(self, name: str) -> str | None:
+        """The state of `name` in the repository index ("READY", "UNLOADING", ...); None when not listed."""
+        index = self._client.get_model_repository_index(headers=self._headers)
+        return next((m.get("state") for m in index if m["name"] == name), None)
 
     def ready_models(self) -> list[str]:
         return [m["name"] for m in self._client.get_model_repository_index(headers=self._headers) if m.get("state") == "READY"]
