@@ -85,8 +85,14 @@ class TritonConnector:
     """One Triton server: its HTTP endpoint, metrics page, and model repository on this node.
 
     `headers` go with every model-control call (e.g. a restricted-API key).
-    Raises on a failed load or a drain that does not finish in `drain_timeout_s`
-    (the worker then stays loaded and drained; nothing is half applied).
+    A worker is removed in four steps: the router stops routing to it
+    (`drain`); the connector waits until the router counts no request routed
+    to it and its own gauges show nothing running, waiting or held; it is
+    unloaded; and the connector waits until Triton lists it UNAVAILABLE or
+    not at all (`unload_timeout_s`) before its inventory slot is freed. When
+    the wait runs past `drain_timeout_s`, or the unload fails while the worker
+    is still READY, the router routes to it again (`undrain`) and the error is
+    raised: the worker serves as before. A worker stuck UNLOADING keeps its slot.
     With an `inventory`, the workers already loaded claim their slots when the
     connector is made (ValueError if the inventory does not hold them), and
     `add_worker` raises NoFreeDevice before loading anything when no slot is free.
@@ -100,6 +106,8 @@ class TritonConnector:
         headers: dict[str, str] | None = None,
         drain_timeout_s: float = 120.0,
         inventory: DeviceInventory | None = None,
+        unload_timeout_s: float = 60.0,
+        poll_s: float = 0.2,
     ):
         from tools.model_control import ModelControl
 
@@ -109,6 +117,8 @@ class TritonConnector:
         self._headers = headers or {}
         self._control = ModelControl(http_url, headers)
         self._drain_timeout_s = drain_timeout_s
+        self._unload_timeout_s = unload_timeout_s
+        self._poll_s = poll_s
         self.inventory = inventory
         if inventory is not None:
             for pool in POOLS:
@@ -126,15 +136,17 @@ class TritonConnector:
         name = f"{pool}_{next(i for i in range(len(taken) + 1) if i not in taken)}"
         if self.inventory is None:
             self._control.load_worker(self._repository, pool, name)
-            return name
-        from tools.model_control import Placement
+        else:
+            from tools.model_control import Placement
 
-        slot = self.inventory.take(name)
-        try:
-            self._control.load_worker(self._repository, pool, name, Placement(gpu=slot.gpu))
-        except BaseException:
-            self.inventory.release(name)
-            raise
+            slot = self.inventory.take(name)
+            try:
+                self._control.load_worker(self._repository, pool, name, Placement(gpu=slot.gpu))
+            except BaseException:
+                self.inventory.release(name)
+                raise
+        # A worker of the same name unloaded before the router's next poll would still be drained there.
+        self._call_router("undrain", name)
         return name
 
     def remove_worker(self, pool: str) -> str | None:
@@ -142,34 +154,69 @@ class TritonConnector:
         if not workers:
             return None
         name = workers[-1]
-        self._drain(name)
-        self._control.unload(name)
+        self._call_router("drain", name)
+        try:
+            self._wait_until_idle(name)
+            self._control.unload(name, self._unload_timeout_s, self._poll_s)
+        except BaseException:
+            if self._control.state_of(name) == "READY":
+                self._call_router("undrain", name)
+            raise
         if self.inventory is not None:
             self.inventory.release(name)
         return name
 
-    def _drain(self, name: str) -> None:
+    def _wait_until_idle(self, name: str) -> None:
+        """Wait until the router counts no request on `name` and the worker reports none.
+
+        The router's count covers a request from its route decision on, so one
+        still queued in Triton or being handed to the engine counts; the
+        worker's gauges add KV a prefill worker still holds for a decode worker.
+        Raises TimeoutError after `drain_timeout_s`, RuntimeError when the router refuses.
+        """
+        deadline_s = time.monotonic() + self._drain_timeout_s
+        while (num_inflight := self._call_router("inflight", name)) or self._busy(name):
+            if time.monotonic() > deadline_s:
+                why = f"the router counts {num_inflight} requests on it" if num_inflight else "its gauges are not all 0"
+                raise TimeoutError(f"{name} was not idle after {self._drain_timeout_s:g} s of draining: {why}")
+            time.sleep(self._poll_s)
+
+    def _call_router(self, action: str, name: str) -> int:
+        """Ask the router model to `action` ("drain", "undrain", "inflight") worker `name`.
+
+        Returns the requests routed to `name` that have not completed (0 for
+        "undrain", which answers none). Raises RuntimeError when the router refuses.
+        """
         body = {
             "inputs": [
-                {"name": "action", "shape": [1], "datatype": "BYTES", "data": ["drain"]},
+                {"name": "action", "shape": [1], "datatype": "BYTES", "data": [action]},
                 {"name": "worker_name", "shape": [1], "datatype": "BYTES", "data": [name]},
             ]
         }
         response = requests.post(f"{self._http_url}/v2/models/router/infer", json=body, headers=self._headers, timeout=30)
         if response.status_code != 200:
-            raise RuntimeError(f"router refused to drain {name}: {response.text}")
-        time.sleep(0.5)  # requests routed just before the drain reach the worker
-        deadline = time.monotonic() + self._drain_timeout_s
-        while self._busy(name):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} still had requests after {self._drain_timeout_s:.0f} s of draining")
-            time.sleep(0.2)
+            raise RuntimeError(f"router refused to {action} {name}: {response.text}")
+        outputs = {output["name"]: output["data"] for output in response.json().get("outputs", [])}
+        return int(outputs["num_inflight"][0]) if "num_inflight" in outputs else 0
 
     def _busy(self, name: str) -> bool:
-        """Requests running or queued on `name`, or KV it still holds for a decode worker."""
-        page = requests.get(self._metrics_url, timeout=10).text
-        total = 0.0
-        for metric in ("running_requests", "waiting_requests", "kv_held_blocks"):
-            found = re.findall(rf'^triton_disagg_{metric}\{{[^}}]*model="{re.escape(name)}"[^}}]*\}} (\S+)$', page, re.MULTILINE)
-            total += sum(float(v) for v in found)
-        return total > 0
+        """Whether the metrics page says `name` may still be working (see `is_worker_idle`); raises on an error page."""
+        response = requests.get(self._metrics_url, timeout=10)
+        response.raise_for_status()
+        return not is_worker_idle(response.text, name)
+
+
+#: Worker gauges that must all be present and 0 before a worker is unloaded.
+IDLE_GAUGES = ("triton_disagg_running_requests", "triton_disagg_waiting_requests", "triton_disagg_kv_held_blocks")
+
+
+def is_worker_idle(metrics_text: str, name: str) -> bool:
+    """Whether worker `name` reports nothing running, queued or held: each of IDLE_GAUGES present and 0.
+
+    A missing series is unknown, not idle (a page without the worker's gauges).
+    """
+    for gauge in IDLE_GAUGES:
+        values = re.findall(rf'^{gauge}\{{[^}}]*model="{re.escape(name)}"[^}}]*\}} (\S+)$', metrics_text, re.MULTILINE)
+        if not values or any(float(value) != 0 for value in values):
+            return False
+    return True
