@@ -150,6 +150,9 @@ def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_
         finish_short = clients.start(num_clients=1, max_tokens=4, tag="short")
         wait_for(lambda: loop.connector.workers("decode") == ["decode_0"], 30, "the planner to unload decode_1")
         finish_short()
+        # The tick that removes decode_1 ends (and sets the gauge) once Triton reports it unloaded.
+        one_decode = 'triton_disagg_planner_actual_workers{pool="decode"} 1.0'
+        wait_for(lambda: one_decode in requests.get(planner_url, timeout=5).text, 30, "the planner's tick to finish")
         planner_page = requests.get(planner_url, timeout=5).text
     finally:
         clients.close()
