@@ -113,7 +113,9 @@ def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_
         device_budget=3,
         kv_usage_high=0.25,
         kv_usage_low=0.05,
-        scale_up_cooldown_s=0.0,
+        # Long enough that the pool cannot grow again after the scale-down (a late, stale KV
+        # report could otherwise ask for it before the test stops the planner).
+        scale_up_cooldown_s=60.0,
         scale_down_cooldown_s=1.0,
         grace_period_s=1.0,
     )
