@@ -126,10 +126,8 @@ async def _begin(request: Request, model: type[BaseModel]):
 _TOKENIZE_INLINE_MAX_CHARS = 8192
 
 
-async def _count_tokens(served: ServedModel, text: str, add_special_tokens: bool = True) -> int:
-    if len(text) <= _TOKENIZE_INLINE_MAX_CHARS:
-        return served.count_tokens(text, add_special_tokens)
-    return await asyncio.to_thread(served.count_tokens, text, add_special_tokens)
+async def _count_tokens(served: ServedModel, text: str) -> int:
+    return await _off_loop_if_long(len(text), served.count_tokens, text)
 
 
 async def _render_chat(served: ServedModel, messages: list[dict[str, str]]) -> tuple[str, int]:
@@ -139,9 +137,14 @@ async def _render_chat(served: ServedModel, messages: list[dict[str, str]]) -> t
         prompt = served.chat_template.render(messages)
         return prompt, served.count_tokens(prompt, add_special_tokens=False)
 
-    if sum(len(m["content"]) for m in messages) <= _TOKENIZE_INLINE_MAX_CHARS:
-        return render()
-    return await asyncio.to_thread(render)
+    return await _off_loop_if_long(sum(len(m["content"]) for m in messages), render)
+
+
+async def _off_loop_if_long(num_chars: int, fn, *args):
+    """fn(*args), on a worker thread when the text it works on is over _TOKENIZE_INLINE_MAX_CHARS."""
+    if num_chars <= _TOKENIZE_INLINE_MAX_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 async def _parse(request: Request, model: type[BaseModel]):
@@ -226,10 +229,14 @@ class _CompletionShape:
 
     model: str
     object_name = "text_completion"
+    chunk_object_name = "text_completion"
     id_prefix = "cmpl"
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk_choice(self, text: str, finish_reason: str | None) -> dict:
+        return self.choice(text, finish_reason)
 
     def first_chunk_choice(self) -> dict | None:
         return None
@@ -241,14 +248,16 @@ class _ChatShape:
 
     model: str
     object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def choice(self, text: str, finish_reason: str | None, is_chunk: bool = False) -> dict:
-        key = "delta" if is_chunk else "message"
-        content = {"content": text} if is_chunk else {"role": "assistant", "content": text}
-        if is_chunk and finish_reason is not None and not text:
-            content = {}
-        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk_choice(self, text: str, finish_reason: str | None) -> dict:
+        delta = {} if finish_reason is not None and not text else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     def first_chunk_choice(self) -> dict | None:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -375,16 +384,10 @@ async def _disconnected(request: Request) -> None:
 async def _events(request: Request, body, shape, first: Delta, generation: _Generation):
     """Server-sent events: chunks of text, the finish reason, usage if asked, then [DONE]."""
     chunk_id, created = new_id(shape.id_prefix), now_s()
-    object_name = shape.object_name + ".chunk" if shape.object_name == "chat.completion" else shape.object_name
 
     def event(choices: list[dict], **extra) -> bytes:
-        payload = {"id": chunk_id, "object": object_name, "created": created, "model": shape.model, "choices": choices}
-        return f"data: {json.dumps(payload | extra, ensure_ascii=False)}\n\n".encode()
-
-    def text_choice(delta: Delta) -> dict:
-        if isinstance(shape, _ChatShape):
-            return shape.choice(delta.text, delta.finish_reason, is_chunk=True)
-        return shape.choice(delta.text, delta.finish_reason)
+        payload = {"id": chunk_id, "object": shape.chunk_object_name, "created": created, "model": shape.model}
+        return f"data: {json.dumps(payload | {'choices': choices} | extra, ensure_ascii=False)}\n\n".encode()
 
     delta = first
     try:
@@ -392,7 +395,7 @@ async def _events(request: Request, body, shape, first: Delta, generation: _Gene
             yield event([opening])
         while True:
             if delta.text or delta.finish_reason is not None:
-                yield event([text_choice(delta)])
+                yield event([shape.chunk_choice(delta.text, delta.finish_reason)])
             if delta.finish_reason is not None:
                 break
             delta = await generation.next()
