@@ -182,22 +182,10 @@ class TritonConnector:
             time.sleep(self._poll_s)
 
     def _call_router(self, action: str, name: str) -> int:
-        """Ask the router model to `action` ("drain", "undrain", "inflight") worker `name`.
+        """tools.model_control.router_action on this server; raises RuntimeError when the router refuses."""
+        from tools.model_control import router_action
 
-        Returns the requests routed to `name` that have not completed (0 for
-        "undrain", which answers none). Raises RuntimeError when the router refuses.
-        """
-        body = {
-            "inputs": [
-                {"name": "action", "shape": [1], "datatype": "BYTES", "data": [action]},
-                {"name": "worker_name", "shape": [1], "datatype": "BYTES", "data": [name]},
-            ]
-        }
-        response = requests.post(f"{self._http_url}/v2/models/router/infer", json=body, headers=self._headers, timeout=30)
-        if response.status_code != 200:
-            raise RuntimeError(f"router refused to {action} {name}: {response.text}")
-        outputs = {output["name"]: output["data"] for output in response.json().get("outputs", [])}
-        return int(outputs["num_inflight"][0]) if "num_inflight" in outputs else 0
+        return router_action(self._http_url, action, name, self._headers)
 
     def _busy(self, name: str) -> bool:
         """Whether the metrics page says `name` may still be working (see `is_worker_idle`); raises on an error page."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -119,3 +120,26 @@ class ModelControl:
         if client is not None:
             client.close()
             self._local.client = None
+
+
+class RouterRefused(RuntimeError):
+    """The router model answered an action with an error (e.g. a worker it does not know)."""
+
+
+def router_action(http_url: str, action: str, worker_name: str, headers: dict[str, str] | None = None) -> int:
+    """Ask the `router` model to `action` ("drain", "undrain", "inflight") worker `worker_name`.
+
+    Returns the requests routed to the worker that have not completed (0 for
+    "undrain", which answers none). Raises RouterRefused when the router refuses.
+    """
+    body = {
+        "inputs": [
+            {"name": "action", "shape": [1], "datatype": "BYTES", "data": [action]},
+            {"name": "worker_name", "shape": [1], "datatype": "BYTES", "data": [worker_name]},
+        ]
+    }
+    response = requests.post(f"{http_url}/v2/models/router/infer", json=body, headers=headers or {}, timeout=30)
+    if response.status_code != 200:
+        raise RouterRefused(f"router refused to {action} {worker_name}: {response.text}")
+    outputs = {output["name"]: output["data"] for output in response.json().get("outputs", [])}
+    return int(outputs["num_inflight"][0]) if "num_inflight" in outputs else 0
