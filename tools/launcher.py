@@ -27,7 +27,7 @@ import requests
 
 from python_backends.serving.live_workers import MODEL_CONTROL_KEY_ENV, MODEL_CONTROL_KEY_HEADER, model_control_headers
 from python_backends.serving.settings import DEFAULT_MODEL_PATH
-from tools.model_control import ModelControl
+from tools.model_control import ModelControl, RouterRefused, router_action
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_TEMPLATES = PROJECT_ROOT / "model_repository"
@@ -339,12 +339,34 @@ class TritonServer(ChildProcess):
         )
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        """Block until the server and every model report ready. Raises ServerError on exit or timeout."""
+        """Block until the server and every model report ready, and the router routes to every worker.
+
+        Raises ServerError on exit or timeout.
+        """
         if self._process is None:
             raise ServerError("server not started; call start() first")
         deadline = time.monotonic() + timeout_s
         self._wait_for([f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in MODELS], deadline, timeout_s)
         self._load_workers()
+        self._wait_for_router(deadline, timeout_s)
+
+    def _wait_for_router(self, deadline: float, timeout_s: float) -> None:
+        """Wait until the router knows every worker: it learns them from a repository poll (every second),
+        so for a moment after loading, requests would be routed as if a worker were missing."""
+        unseen = list(self.worker_names)
+        while unseen:
+            try:
+                router_action(self.http_url, "inflight", unseen[0])
+                unseen.pop(0)
+                continue
+            except RouterRefused:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(
+                    f"the router did not see worker {unseen[0]} within {timeout_s:.0f} s; last lines of "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
 
     @property
     def worker_names(self) -> list[str]:
