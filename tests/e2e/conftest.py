@@ -13,8 +13,8 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-from python_backends.checkpoint import make_model
-from tools.launcher import ServerConfig, TritonServer, free_ports
+from triton_disagg.checkpoint import make_model
+from triton_disagg.launch.server import ServerConfig, TritonServer, free_ports
 
 #: Small enough that a leak shows, large enough for 16 concurrent requests.
 NUM_BLOCKS = 256

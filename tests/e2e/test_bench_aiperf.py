@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from frontend.config import FrontendConfig
-from tools.frontend_process import FrontendProcess
-from tools.launcher import free_ports
+from triton_disagg.frontend.config import FrontendConfig
+from triton_disagg.launch.frontend import FrontendProcess
+from triton_disagg.launch.server import free_ports
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_bench_smoke(frontend, model_path, tmp_path):
     trace.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "bench"
     command = [
-        sys.executable, "-m", "tools.cli", "bench",
+        sys.executable, "-m", "triton_disagg.cli.main", "bench",
         "--url", frontend.url, "--tokenizer", str(model_path),
         "--concurrency", "1,2", "--requests-per-point", "4",
         "--request-rate", "8", "--rate-requests", "4",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from python_backends.kv_transfer.handle import KVHandle
-from tools.model_control import ModelControl
+from triton_disagg.kv_transfer.handle import KVHandle
+from triton_disagg.model_control import ModelControl
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,10 @@ import requests
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from frontend.config import FrontendConfig
+from triton_disagg.frontend.config import FrontendConfig
 from tests.e2e.conftest import Client
-from tools.frontend_process import FrontendProcess
-from tools.launcher import free_ports
+from triton_disagg.launch.frontend import FrontendProcess
+from triton_disagg.launch.server import free_ports
 
 API_KEY = "test-key"
 
@@ -252,7 +252,7 @@ def test_health_and_metrics(frontend, oai, model_name):
 def test_triton_unreachable_gets_503(model_path, model_name, tmp_path):
     """A frontend whose Triton is gone: probes say so, requests get an OpenAI 503, and it keeps serving."""
     dead, port = free_ports(2)  # nothing listens on `dead`
-    command = [sys.executable, "-m", "tools.cli", "frontend", "--triton-url", f"127.0.0.1:{dead}",
+    command = [sys.executable, "-m", "triton_disagg.cli.main", "frontend", "--triton-url", f"127.0.0.1:{dead}",
                "--frontend-host", "127.0.0.1", "--frontend-port", str(port), "--model-path", str(model_path)]  # fmt: skip
     with open(tmp_path / "frontend.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

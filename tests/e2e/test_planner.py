@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from planner.config import PlannerConfig
-from tools.launcher import free_ports
-from tools.plan import PlanSettings, build_planner_loop
+from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.launch.server import free_ports
+from triton_disagg.cli.plan import PlanSettings, build_planner_loop
 
 pytestmark = pytest.mark.e2e
 
@@ -211,7 +211,7 @@ def test_plan_command_with_the_slo_policy_scales_decode_and_back(one_decoder, tm
     server = one_decoder.server
     (planner_port,) = free_ports(1)
     command = [
-        sys.executable, "-m", "tools.cli", "plan", "--policy", "slo", "--profile", str(PROFILE),
+        sys.executable, "-m", "triton_disagg.cli.main", "plan", "--policy", "slo", "--profile", str(PROFILE),
         "--http-url", server.http_url, "--metrics-url", server.metrics_url,
         "--model-repository", str(Path(server.run_dir) / "model_repository"), "--inventory", "cpu:3",
         "--planner-port", str(planner_port), "--interval-s", "1", "--ttft-ms", "5000", "--itl-ms", "2",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.connectors import TritonConnector
+from triton_disagg.planner.connectors import TritonConnector
 
 pytestmark = pytest.mark.e2e
 

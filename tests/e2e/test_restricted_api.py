@@ -12,9 +12,9 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from planner.connectors import TritonConnector
+from triton_disagg.planner.connectors import TritonConnector
 from tests.e2e.conftest import CLOSE_CONNECTION, Client, _start
-from tools.plan import PlanSettings
+from triton_disagg.cli.plan import PlanSettings
 
 pytestmark = pytest.mark.e2e
 

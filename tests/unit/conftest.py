@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from python_backends.checkpoint import make_model
+from triton_disagg.checkpoint import make_model
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tools.bench import (
+from triton_disagg.tools.bench import (
     PRESETS,
     BenchError,
     Scenario,

@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from python_backends.engine.block_manager import BlockManager
-from python_backends.engine.params import SamplingParams
-from python_backends.engine.sequence import Sequence
-from router.events import AllCleared, BlockStored
-from router.hashing import hash_request_tokens
+from triton_disagg.engine.block_manager import BlockManager
+from triton_disagg.engine.params import SamplingParams
+from triton_disagg.engine.sequence import Sequence
+from triton_disagg.router.events import AllCleared, BlockStored
+from triton_disagg.router.hashing import hash_request_tokens
 
 BLOCK_SIZE = 4
 

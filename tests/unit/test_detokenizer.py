@@ -2,8 +2,8 @@
 
 import pytest
 
-from python_backends.checkpoint import byte_level_tokenizer
-from python_backends.serving.detokenizer import IncrementalDetokenizer
+from triton_disagg.checkpoint import byte_level_tokenizer
+from triton_disagg.serving.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from python_backends.engine.params import InvalidRequest
-from python_backends.kv_transfer.directory import KVDirectory
-from python_backends.kv_transfer.layout import PoolLayout
-from python_backends.serving.disagg import decide_prefill
-from python_backends.serving.live_workers import split_workers, worker_loads
-from python_backends.serving.protocol import (
+from triton_disagg.engine.params import InvalidRequest
+from triton_disagg.kv_transfer.directory import KVDirectory
+from triton_disagg.kv_transfer.layout import PoolLayout
+from triton_disagg.serving.disagg import decide_prefill
+from triton_disagg.serving.live_workers import split_workers, worker_loads
+from triton_disagg.serving.protocol import (
     DecodeGenerate,
     HoldCheck,
     parse_decode_request,
     parse_prefill_request,
     parse_routing_mode,
 )
-from router.config import RoutingMode
-from router.selection import WorkerMetrics
+from triton_disagg.router.config import RoutingMode
+from triton_disagg.router.selection import WorkerMetrics
 
 
 def decide(**overrides):

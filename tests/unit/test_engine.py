@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from python_backends.engine.config import EngineConfig
-from python_backends.engine.llm_engine import LLMEngine
-from python_backends.engine.params import FinishReason, InvalidRequest, SamplingParams
+from triton_disagg.engine.config import EngineConfig
+from triton_disagg.engine.llm_engine import LLMEngine
+from triton_disagg.engine.params import FinishReason, InvalidRequest, SamplingParams
 
 
 def make_engine(path, **overrides) -> LLMEngine:
@@ -146,8 +146,8 @@ def test_moe_engine_counts_expert_tokens(tiny_moe_model):
 
 
 def test_block_hashes_are_stable_across_processes():
-    code = "from router.hashing import hash_request_tokens; print(hash_request_tokens(list(range(64)), 16, ('lora',)))"
+    code = "from triton_disagg.router.hashing import hash_request_tokens; print(hash_request_tokens(list(range(64)), 16, ('lora',)))"
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
-    from router.hashing import hash_request_tokens
+    from triton_disagg.router.hashing import hash_request_tokens
 
     assert runs == {f"{hash_request_tokens(list(range(64)), 16, ('lora',))}\n"}

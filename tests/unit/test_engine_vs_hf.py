@@ -9,9 +9,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from python_backends.engine.config import EngineConfig  # noqa: E402
-from python_backends.engine.llm_engine import LLMEngine  # noqa: E402
-from python_backends.engine.params import SamplingParams  # noqa: E402
+from triton_disagg.engine.config import EngineConfig  # noqa: E402
+from triton_disagg.engine.llm_engine import LLMEngine  # noqa: E402
+from triton_disagg.engine.params import SamplingParams  # noqa: E402
 
 NUM_NEW_TOKENS = 32
 #: The engine runs here; the reference always runs on the CPU. Set to "cuda" to check the GPU path.

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from frontend.prompt import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ServedModel
-from frontend.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from python_backends.checkpoint import make_model
+from triton_disagg.frontend.prompt import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ServedModel
+from triton_disagg.frontend.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from triton_disagg.checkpoint import make_model
 
 
 def completion(**overrides) -> CompletionRequest:

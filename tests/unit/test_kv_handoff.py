@@ -13,13 +13,13 @@ import torch
 
 pytest.importorskip("nixl")
 
-from python_backends.engine.config import EngineConfig  # noqa: E402
-from python_backends.engine.kv_connector import RemoteKV  # noqa: E402
-from python_backends.engine.llm_engine import LLMEngine  # noqa: E402
-from python_backends.engine.params import SamplingParams  # noqa: E402
-from python_backends.kv_transfer.handle import InvalidKVHandle, KVHandle  # noqa: E402
-from python_backends.kv_transfer.layout import merge_runs  # noqa: E402
-from python_backends.kv_transfer.nixl_connector import NixlConnector  # noqa: E402
+from triton_disagg.engine.config import EngineConfig  # noqa: E402
+from triton_disagg.engine.kv_connector import RemoteKV  # noqa: E402
+from triton_disagg.engine.llm_engine import LLMEngine  # noqa: E402
+from triton_disagg.engine.params import SamplingParams  # noqa: E402
+from triton_disagg.kv_transfer.handle import InvalidKVHandle, KVHandle  # noqa: E402
+from triton_disagg.kv_transfer.layout import merge_runs  # noqa: E402
+from triton_disagg.kv_transfer.nixl_connector import NixlConnector  # noqa: E402
 
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16

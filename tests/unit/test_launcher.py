@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from python_backends.serving.settings import (
+from triton_disagg.serving.settings import (
     engine_config,
     llm_settings,
     min_remote_prefill_tokens,
     model_parameters,
 )
-from router.config import RouterConfig, RoutingMode
-from python_backends.serving.live_workers import MODEL_CONTROL_KEY_ENV
-from tools.launcher import (
+from triton_disagg.router.config import RouterConfig, RoutingMode
+from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV
+from triton_disagg.launch.server import (
     ServerConfig,
     _restricted_api_args,
     _server_environment,
@@ -24,7 +24,7 @@ from tools.launcher import (
     set_instance_count,
     set_parameter,
 )
-from tools.model_control import Placement, worker_config
+from triton_disagg.model_control import Placement, worker_config
 
 PBTXT = """\
 instance_group [ { count: 2 kind: KIND_CPU } ]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from python_backends.serving.llm_metrics import LLMMetrics
+from triton_disagg.serving.llm_metrics import LLMMetrics
 
 #: Long enough that the publisher thread never wakes: `close()` does the one publish.
 NEVER_S = 3600.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.config import PlannerConfig, PlannerPolicy, PredictorKind
+from triton_disagg.planner.config import PlannerConfig, PlannerPolicy, PredictorKind
 
 
 def test_defaults_are_valid_and_strings_become_enums():

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from planner.connectors import DryRunConnector, TritonConnector, is_worker_idle
+from triton_disagg.planner.connectors import DryRunConnector, TritonConnector, is_worker_idle
 
 
 def test_dry_run_records_loads_and_unloads_in_order():

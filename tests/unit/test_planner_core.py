@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.config import PlannerConfig
-from planner.core import Planner
-from planner.observations import IntervalObservation, ScaleAction
-from planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.planner.core import Planner
+from triton_disagg.planner.observations import IntervalObservation, ScaleAction
+from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
 
 
 def make_profile(**overrides) -> PerformanceProfile:

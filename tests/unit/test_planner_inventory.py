@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.connectors import DryRunConnector
-from planner.inventory import DeviceInventory, DeviceSlot, NoFreeDevice, parse_inventory
+from triton_disagg.planner.connectors import DryRunConnector
+from triton_disagg.planner.inventory import DeviceInventory, DeviceSlot, NoFreeDevice, parse_inventory
 
 
 def make_inventory(text: str = "gpu:0,gpu:1") -> DeviceInventory:

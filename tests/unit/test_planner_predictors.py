@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.config import PlannerConfig
-from planner.predictors import (
+from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.planner.predictors import (
     ConstantPredictor,
     HoltPredictor,
     MovingAveragePredictor,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from planner.config import PlannerConfig
-from planner.connectors import DryRunConnector
-from planner.core import Planner
-from planner.inventory import DeviceInventory, parse_inventory
-from planner.process import PlannerLoop
-from tools.plan import PlannerStartupError, PlanSettings, build_planner_loop
+from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.planner.connectors import DryRunConnector
+from triton_disagg.planner.core import Planner
+from triton_disagg.planner.inventory import DeviceInventory, parse_inventory
+from triton_disagg.planner.process import PlannerLoop
+from triton_disagg.cli.plan import PlannerStartupError, PlanSettings, build_planner_loop
 
 
 def page(num_started: int, num_free_blocks: int) -> str:

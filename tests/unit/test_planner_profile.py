@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from planner.profile import (
+from triton_disagg.planner.profile import (
     DecodeProfile,
     PerformanceProfile,
     PrefillProfile,

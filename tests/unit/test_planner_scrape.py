@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.scrape import LLMCounters, MetricsSnapshot, WorkerGauges, observe_interval, parse_metrics
+from triton_disagg.planner.scrape import LLMCounters, MetricsSnapshot, WorkerGauges, observe_interval, parse_metrics
 
 BEFORE = """\
 # HELP nv_inference_request_success Number of successful inference requests, all batch sizes

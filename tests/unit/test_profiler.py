@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from planner.profile import PerformanceProfile
-from tools.cli import main, prefill_budget_from_profile
-from tools.launcher import ServerConfig, render_model_repository
-from tools.profiler import ProfileResult, ProfileSettings, run_profile, smallest_saturating_batch, write_outputs
+from triton_disagg.planner.profile import PerformanceProfile
+from triton_disagg.cli.main import main
+from triton_disagg.launch.flags import prefill_budget_from_profile
+from triton_disagg.launch.server import ServerConfig, render_model_repository
+from triton_disagg.tools.profiler import ProfileResult, ProfileSettings, run_profile, smallest_saturating_batch, write_outputs
 
 
 def tiny_settings(model_path, **overrides) -> ProfileSettings:
@@ -116,7 +117,7 @@ def test_cli_profile_then_serve_renders_prefill_with_the_saturating_budget(tiny_
         return results[-1]
 
     # The file rounds throughputs, so the choice is checked against the unrounded sweep the CLI ran.
-    monkeypatch.setattr("tools.profiler.run_profile", run_and_keep)
+    monkeypatch.setattr("triton_disagg.tools.profiler.run_profile", run_and_keep)
     output = tmp_path / "out" / "profile.json"
     code = main([
         "profile", "--model", str(tiny_model), "--device", "cpu", "--prefill-token-budgets", "16,32",

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from python_backends.engine.params import InvalidRequest
-from python_backends.serving.protocol import (
+from triton_disagg.engine.params import InvalidRequest
+from triton_disagg.serving.protocol import (
     DEFAULT_MAX_TOKENS,
     WorkerAbort,
     WorkerGenerate,

@@ -8,7 +8,7 @@ import sys
 import msgpack
 import pytest
 
-from router.events import (
+from triton_disagg.router.events import (
     AllCleared,
     BlockRemoved,
     BlockStored,
@@ -23,14 +23,14 @@ from router.events import (
     encode_dump,
     encode_dump_request,
 )
-from router.hashing import ROOT_HASH, hash_block_tokens, hash_request_tokens
+from triton_disagg.router.hashing import ROOT_HASH, hash_block_tokens, hash_request_tokens
 
 W = WorkerId("prefill_0")
 
 
 def test_hashes_are_the_same_in_another_process_and_pinned():
     code = (
-        "from router.hashing import hash_request_tokens;"
+        "from triton_disagg.router.hashing import hash_request_tokens;"
         "print(hash_request_tokens(list(range(10)), 4), hash_request_tokens([1, 2, 3, 4], 4, ('lora-7', 3)))"
     )
     # A different hash seed in the child would change Python's built-in hash(); ours must not move.

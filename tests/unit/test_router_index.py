@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from router.events import AllCleared, BlockRemoved, BlockStored, WorkerId
-from router.hashing import BlockHash, hash_request_tokens
-from router.index import PrefixIndex, UnknownWorkerError
+from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, WorkerId
+from triton_disagg.router.hashing import BlockHash, hash_request_tokens
+from triton_disagg.router.index import PrefixIndex, UnknownWorkerError
 
 BLOCK_SIZE = 4
 A, B, C = WorkerId("a"), WorkerId("b"), WorkerId("c")

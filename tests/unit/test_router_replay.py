@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from router.config import RouterConfig, RoutingMode
-from router.events import BlockRemoved, BlockStored, WorkerId
-from router.hashing import hash_block_tokens
-from tools.replay_trace import (
+from triton_disagg.router.config import RouterConfig, RoutingMode
+from triton_disagg.router.events import BlockRemoved, BlockStored, WorkerId
+from triton_disagg.router.hashing import hash_block_tokens
+from triton_disagg.tools.replay_trace import (
     CostModel,
     SimWorker,
     infinite_cache_hit_ratio,

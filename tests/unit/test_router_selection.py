@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from router.approx import ApproxIndex
-from router.config import RouterConfig, RoutingMode
-from router.events import BlockStored, WorkerId
-from router.hashing import hash_request_tokens
-from router.selection import (
+from triton_disagg.router.approx import ApproxIndex
+from triton_disagg.router.config import RouterConfig, RoutingMode
+from triton_disagg.router.events import BlockStored, WorkerId
+from triton_disagg.router.hashing import hash_request_tokens
+from triton_disagg.router.selection import (
     KvRouter,
     LoadTracker,
     NoWorkerAvailable,

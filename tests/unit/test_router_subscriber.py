@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from router.config import PublisherConfig, SubscriberConfig
-from router.events import (
+from triton_disagg.router.config import PublisherConfig, SubscriberConfig
+from triton_disagg.router.events import (
     BlockRemoved,
     BlockStored,
     EventBatch,
@@ -16,10 +16,10 @@ from router.events import (
     WorkerId,
     decode_dump,
 )
-from router.hashing import BlockHash, hash_request_tokens
-from router.index import PrefixIndex
-from router.publisher import KVEventPublisher
-from router.subscriber import EventStreams, KVEventSubscriber, StreamState, StreamStatus
+from triton_disagg.router.hashing import BlockHash, hash_request_tokens
+from triton_disagg.router.index import PrefixIndex
+from triton_disagg.router.publisher import KVEventPublisher
+from triton_disagg.router.subscriber import EventStreams, KVEventSubscriber, StreamState, StreamStatus
 
 A, B = WorkerId("a"), WorkerId("b")
 H = hash_request_tokens(list(range(16)), 4)  # 4 blocks
@@ -77,7 +77,7 @@ def test_duplicate_and_out_of_order_batches_are_dropped_with_a_log_line(caplog):
     streams = synced(A)
     streams.on_batch(batch(A, 1, stored(H[:2])), 1.0)
     streams.on_batch(batch(A, 2, BlockRemoved((H[1],))), 1.0)
-    with caplog.at_level(logging.WARNING, logger="router.subscriber"):
+    with caplog.at_level(logging.WARNING, logger="triton_disagg.router.subscriber"):
         assert streams.on_batch(batch(A, 1, stored(H[:2])), 1.1) == "stale"  # late duplicate
     assert "dropped out-of-order batch seq 1 (at 2)" in caplog.text
     assert streams.index.find_matches(H) == {A: 1}  # not re-stored
@@ -88,7 +88,7 @@ def test_gap_triggers_resync_and_later_batches_replay_after_the_dump(caplog):
     streams = synced(A, B)
     streams.on_batch(batch(A, 1, stored(H[:1])), 1.0)
     streams.on_batch(batch(B, 1, stored(H[:4])), 1.0)
-    with caplog.at_level(logging.WARNING, logger="router.subscriber"):
+    with caplog.at_level(logging.WARNING, logger="triton_disagg.router.subscriber"):
         assert streams.on_batch(batch(A, 3, stored(H[2:3], H[1])), 1.1) == "gap"  # seq 2 lost
     assert "gap in KV events (seq 3 after 1)" in caplog.text
     assert streams.due_dump_requests(1.1) == [A]
@@ -124,7 +124,7 @@ def test_unsolicited_dump_is_ignored():
 
 def test_unknown_workers_are_rejected_with_a_log_line(caplog):
     streams = synced(A)
-    with caplog.at_level(logging.WARNING, logger="router.subscriber"):
+    with caplog.at_level(logging.WARNING, logger="triton_disagg.router.subscriber"):
         assert streams.on_batch(batch(B, 1, stored(H)), 1.0) == "unknown_worker"
         assert streams.on_dump(WorkerDump(B, EPOCH, 1, ((H[0], None),)), 1.0) == "unknown_worker"
     assert "rejected KV events of unknown worker 'b'" in caplog.text
@@ -216,7 +216,7 @@ def test_publisher_and_subscriber_over_zeromq(tmp_path):
 def _request_dump(publisher: KVEventPublisher) -> bytes:
     import zmq
 
-    from router.events import encode_dump_request
+    from triton_disagg.router.events import encode_dump_request
 
     socket = zmq.Context.instance().socket(zmq.REQ)
     socket.connect(publisher.dump_endpoint)

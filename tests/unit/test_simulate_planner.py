@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner.config import PlannerConfig
-from planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
-from tools.simulate_planner import STEP_S, Cluster, Request
+from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+from triton_disagg.tools.simulate_planner import STEP_S, Cluster, Request
 
 
 def make_profile() -> PerformanceProfile:

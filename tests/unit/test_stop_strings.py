@@ -2,7 +2,7 @@
 
 import pytest
 
-from python_backends.serving.stop_strings import StopStringMatcher
+from triton_disagg.serving.stop_strings import StopStringMatcher
 
 
 def feed_all(matcher: StopStringMatcher, pieces: list[str]) -> list[str]:

@@ -1,0 +1,192 @@
+"""KV block allocator with reference counts, prefix caching and LRU eviction.
+
+Every block is either held (ref_count > 0) or in the free queue. A free block
+may still be a cached prefix block (it has a hash): it is reused on a hit, and
+only evicted when the allocator needs a block and it is the least recently
+freed one. Freed blocks that hold no cached prefix go to the front of the
+queue, so they are reused before any cached block is evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from triton_disagg.engine.sequence import Sequence
+from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent
+from triton_disagg.router.hashing import BlockHash
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None  # set while the block is in the prefix cache
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences. Not thread-safe: the engine thread owns it."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Keys in eviction order: the first is reused (and evicted, if cached) first.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+        self._events: list[KVEvent] = []
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds, cached or not."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by running sequences (0..1)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def cached_block_ids(self, block_hashes: list[BlockHash]) -> list[int]:
+        """Blocks holding the longest cached prefix of `block_hashes` (no side effects)."""
+        hits: list[int] = []
+        if not self.enable_prefix_caching:
+            return hits
+        for block_hash in block_hashes:
+            block_id = self._cached.get(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    # -- allocation --------------------------------------------------------------
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give `seq` blocks for its next `num_new_tokens` tokens.
+
+        On a sequence's first call, it first takes the longest cached prefix of
+        tokens (at least one token is always left to compute, so the
+        step yields logits) and sets `num_computed_tokens`/`num_cached_tokens`;
+        `num_new_tokens` then counts from there and is clipped to what is left.
+        Returns False, changing nothing, when too few blocks are free.
+        """
+        hits: list[int] = []
+        if not seq.block_ids and seq.num_computed_tokens == 0:
+            max_hit_blocks = (seq.num_tokens - 1) // self.block_size
+            hits = self.cached_block_ids(seq.hashes_up_to(max_hit_blocks))
+            num_new_tokens = min(num_new_tokens, seq.num_tokens - len(hits) * self.block_size)
+        num_computed = seq.num_computed_tokens + len(hits) * self.block_size
+        num_needed = self.num_blocks_for(num_computed + num_new_tokens) - len(seq.block_ids) - len(hits)
+        num_hits_free = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
+        if num_needed > self.num_free_blocks - num_hits_free:
+            return False
+        for block_id in hits:
+            self._take(block_id)
+        seq.block_ids.extend(hits)
+        if hits:
+            seq.num_computed_tokens = seq.num_cached_tokens = num_computed
+            seq.num_committed_blocks = len(hits)
+        for _ in range(max(num_needed, 0)):
+            seq.block_ids.append(self._take_oldest_free())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Offer `seq`'s newly completed full blocks to the prefix cache (emits BlockStored)."""
+        num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:
+            return
+        hashes = seq.hashes_up_to(num_full)
+        run: list[int] = []  # block indices of the current run of newly cached blocks
+        for idx in range(seq.num_committed_blocks, num_full):
+            block = self.blocks[seq.block_ids[idx]]
+            if block.block_hash is None and hashes[idx] not in self._cached:
+                block.block_hash = hashes[idx]
+                self._cached[hashes[idx]] = block.block_id
+                run.append(idx)
+            else:  # already cached (here or in another block): the run breaks
+                self._emit_stored(seq, run)
+                run = []
+        self._emit_stored(seq, run)
+        seq.num_committed_blocks = num_full
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s hold on its blocks; tail blocks become evictable before head blocks."""
+        for block_id in reversed(seq.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed more often than taken (seq {seq.request_id})")
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.block_hash is None:
+                    self._free.move_to_end(block_id, last=False)
+        seq.block_ids = []
+        seq.num_committed_blocks = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (emits AllCleared). Refused (False) while any block is held."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self._cached.clear()
+        self._events.append(AllCleared())
+        return True
+
+    def drain_events(self) -> list[KVEvent]:
+        """KV events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def check_integrity(self) -> None:
+        """Raise if the free queue, reference counts and cache map disagree. For tests and idle checks."""
+        for block in self.blocks:
+            if (block.ref_count == 0) != (block.block_id in self._free):
+                raise RuntimeError(f"block {block.block_id}: ref_count {block.ref_count} but free={block.block_id in self._free}")
+            if block.block_hash is not None and self._cached.get(block.block_hash) != block.block_id:
+                raise RuntimeError(f"block {block.block_id} has a hash the cache map does not point back to")
+        if len(self._cached) != sum(block.block_hash is not None for block in self.blocks):
+            raise RuntimeError("cache map holds hashes of no block")
+
+    # -- internals ---------------------------------------------------------------
+
+    def _take_oldest_free(self) -> int:
+        """Take the first block of the free queue, evicting its cached prefix if it has one."""
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            self._events.append(BlockRemoved((block.block_hash,)))
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _emit_stored(self, seq: Sequence, block_indices: list[int]) -> None:
+        if not block_indices:
+            return
+        first, last = block_indices[0], block_indices[-1]
+        self._events.append(
+            BlockStored(
+                block_hashes=tuple(seq.block_hashes[first : last + 1]),
+                parent_block_hash=seq.block_hashes[first - 1] if first else None,
+                token_ids=tuple(seq.token_ids[first * self.block_size : (last + 1) * self.block_size]),
+                block_size=self.block_size,
+            )
+        )

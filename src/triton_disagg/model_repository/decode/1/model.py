@@ -1,0 +1,27 @@
+"""Triton model `decode_<j>`: one decode engine per instance; see src/triton_disagg/serving/decode.py."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from triton_disagg.serving.decode import DecodeService
+from triton_disagg.serving.settings import engine_config, min_remote_prefill_tokens, model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the decode model streams its tokens: set decoupled: true")
+        parameters = model_parameters(model_config)
+        self._service = DecodeService(
+            engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""), min_remote_tokens=min_remote_prefill_tokens(parameters)
+        )
+
+    def execute(self, requests):
+        for request in requests:
+            self._service.submit(request)
+        return None
+
+    def finalize(self):
+        self._service.shutdown()

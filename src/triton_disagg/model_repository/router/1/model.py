@@ -1,0 +1,28 @@
+"""Triton model `router`: KV-aware worker choice; see src/triton_disagg/serving/router_service.py."""
+
+import json
+import os
+
+from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV, model_control_headers
+from triton_disagg.serving.router_service import RouterService
+from triton_disagg.serving.settings import model_parameters
+from triton_disagg.router.config import RouterConfig
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(json.loads(args["model_config"]))
+        self._service = RouterService(
+            RouterConfig.from_mapping(parameters),
+            http_url=f"http://localhost:{parameters.get('http_port') or 8000}",
+            kv_events_dir=parameters.get("kv_events_dir", ""),
+            metrics_url=f"http://localhost:{parameters['metrics_port']}/metrics" if parameters.get("metrics_port") else "",
+            # Inherited from the server's environment (see src/triton_disagg/launch/server.py), never a parameter.
+            repository_headers=model_control_headers(os.environ.get(MODEL_CONTROL_KEY_ENV)),
+        )
+
+    def execute(self, requests):
+        return [self._service.execute(request) for request in requests]
+
+    def finalize(self):
+        self._service.shutdown()

@@ -1,0 +1,244 @@
+"""The `llm` entry model's request path: text in, tokens from the worker through BLS, text out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+from triton_disagg.engine.params import SamplingParams
+from triton_disagg.serving.detokenizer import IncrementalDetokenizer
+from triton_disagg.serving.llm_metrics import LLMMetrics
+from triton_disagg.serving.protocol import (
+    LLM_INPUT_NAMES,
+    WORKER_OUTPUT_NAMES,
+    GenerateRequest,
+    check_context_window,
+    parse_generate_request,
+)
+from triton_disagg.serving.router_service import Route, RouterClient
+from triton_disagg.serving.settings import LLMSettings
+from triton_disagg.serving.stop_strings import StopStringMatcher
+from triton_disagg.serving.triton_io import (
+    bytes_tensor,
+    error_response,
+    int32_tensor,
+    prompt_tensors,
+    read_inputs,
+    read_output,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerStreamError(RuntimeError):
+    """The worker answered a request with an error; carries the worker's TritonError."""
+
+    def __init__(self, error: "pb_utils.TritonError") -> None:
+        super().__init__(error.message())
+        self.error = error
+
+
+class LLMService:
+    """Validates requests synchronously, then relays each one on a thread of its own.
+
+    BLS's decoupled `exec` is a blocking iterator, so a thread per request keeps
+    one slow stream from holding up the others and `execute` from blocking.
+    """
+
+    def __init__(self, settings: LLMSettings) -> None:
+        self.settings = settings
+        self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
+        self.router = RouterClient()
+        self.metrics = LLMMetrics()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, request) -> None:
+        """Validate one request and start relaying it; a bad request gets its error response at once."""
+        sender = request.get_response_sender()
+        try:
+            parsed = parse_generate_request(read_inputs(request, LLM_INPUT_NAMES))
+            prompt_token_ids = self.tokenizer.encode(parsed.prompt, add_special_tokens=parsed.add_special_tokens).ids
+            check_context_window(len(prompt_token_ids), parsed.params.max_tokens, self.settings.max_model_len)
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the client as an error response
+            sender.send(error_response(e), flags=FINAL)
+            self.metrics.ended("error")
+            return
+        relay = _Relay(self, parsed, prompt_token_ids, sender)
+        self.metrics.started(len(prompt_token_ids))
+        thread = threading.Thread(target=self._run, args=(relay,), name="llm-relay", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Wait up to `timeout_s` for the requests in flight to finish, then publish the last metrics."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.metrics.close()
+
+    def stream_from_worker(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
+        inputs = prompt_tensors(prompt_token_ids, params)
+        if choice.prefill_worker is not None:
+            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
+        if choice.prefill_pool_saturated:
+            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
+        request = pb_utils.InferenceRequest(
+            model_name=choice.decode_worker,
+            inputs=inputs,
+            requested_output_names=list(WORKER_OUTPUT_NAMES),
+            request_id=request_id,
+        )
+        return request.exec(decoupled=True)
+
+    def abort_on_worker(self, decode_worker: str, request_id: str) -> None:
+        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
+        request = pb_utils.InferenceRequest(
+            model_name=decode_worker,
+            inputs=[bytes_tensor("abort_request_id", request_id)],
+            requested_output_names=[],
+        )
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                raise WorkerStreamError(response.error())
+
+    def _run(self, relay: "_Relay") -> None:
+        try:
+            relay.run()
+        except WorkerStreamError as e:  # the worker's own verdict (often a bad request): pass it on
+            relay.fail(e)
+        except Exception as e:  # noqa: BLE001 - the client gets the error; the log gets the context
+            logger.exception("request failed")
+            relay.fail(e)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+
+class _Relay:
+    """One request: worker token ids in, text deltas out, stop words applied."""
+
+    def __init__(self, service: LLMService, request: GenerateRequest, prompt_token_ids: list[int], sender) -> None:
+        self._service = service
+        self._request = request
+        self._sender = sender
+        self._num_input_tokens = len(prompt_token_ids)
+        self._prompt_token_ids = prompt_token_ids
+        self._detokenizer = IncrementalDetokenizer(service.tokenizer, prompt_token_ids)
+        self._stop = StopStringMatcher(request.stop_words)
+        self._worker_request_id = uuid.uuid4().hex
+        self._num_output_tokens = 0
+        self._unsent_text = "" if request.exclude_input_in_output else request.prompt
+        self._is_done = False
+        self._is_prefill_done = False
+        self._accepted_at_s = time.monotonic()
+        self._last_token_at_s: float | None = None
+
+    def run(self) -> None:
+        router = self._service.router
+        self._choice = router.route(self._worker_request_id, self._prompt_token_ids, self._request.routing_mode)
+        try:
+            self._relay()
+        finally:
+            router.complete(self._worker_request_id)
+
+    def _prefill_done(self) -> None:
+        if not self._is_prefill_done:
+            self._is_prefill_done = True
+            self._service.router.first_token(self._worker_request_id)
+
+    def _relay(self) -> None:
+        responses = self._service.stream_from_worker(
+            self._choice, self._worker_request_id, self._prompt_token_ids, self._request.params
+        )
+        for response in responses:
+            if response.has_error():
+                raise WorkerStreamError(response.error())
+            if self._is_done:
+                continue  # stopped early: drain until the worker acknowledges the abort
+            if self._sender.is_cancelled():
+                self._finish_early(None)
+                continue
+            self._on_worker_response(response)
+        if not self._is_done:
+            raise RuntimeError(f"worker ended request {self._worker_request_id} without a finish reason")
+
+    def fail(self, error: Exception) -> None:
+        if self._is_done:
+            return
+        self._is_done = True
+        self._service.metrics.ended("error", self._num_output_tokens)
+        if isinstance(error, WorkerStreamError):
+            self._sender.send(pb_utils.InferenceResponse(error=error.error), flags=FINAL)
+        else:
+            self._sender.send(error_response(error), flags=FINAL)
+
+    def _on_worker_response(self, response) -> None:
+        new_token_ids = read_output(response, "output_ids")
+        new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
+        if new_token_ids:
+            self._prefill_done()
+            self._time_tokens(len(new_token_ids))
+        finish_reason = read_output(response, "finish_reason")
+        self._num_output_tokens += len(new_token_ids)
+        text = self._detokenizer.push(new_token_ids)
+        if finish_reason is not None:
+            text += self._detokenizer.flush()
+        self._unsent_text += self._stop.feed(text)
+        if self._stop.is_stopped and finish_reason is None:
+            self._finish_early("stop")
+        elif self._stop.is_stopped or finish_reason is not None:
+            self._unsent_text += self._stop.flush()
+            self._is_done = True
+            self._send("stop" if self._stop.is_stopped else finish_reason.reshape(-1)[0].decode())
+        elif self._request.stream and self._unsent_text:
+            self._send(None)
+
+    def _finish_early(self, finish_reason: str | None) -> None:
+        """End the client's request before the worker is done (stop word, or client gone: None)."""
+        self._is_done = True
+        if finish_reason is None:
+            self._sender.send(flags=FINAL)
+            self._service.metrics.ended("cancelled", self._num_output_tokens)
+        else:
+            self._send(finish_reason)
+        self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
+
+    def _send(self, finish_reason: str | None) -> None:
+        request = self._request
+        tensors = [bytes_tensor("text_output", self._unsent_text)]
+        if request.return_num_input_tokens:
+            tensors.append(int32_tensor("num_input_tokens", self._num_input_tokens))
+        if request.return_num_output_tokens:
+            tensors.append(int32_tensor("num_output_tokens", self._num_output_tokens))
+        if finish_reason is not None:
+            tensors.append(bytes_tensor("finish_reason", finish_reason))
+        self._unsent_text = ""
+        flags = FINAL if finish_reason is not None else 0
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        if finish_reason is not None:
+            # A worker ends a request with "abort" only when it was asked to, for a client that went away.
+            outcome = "cancelled" if finish_reason == "abort" else "success"
+            self._service.metrics.ended(outcome, self._num_output_tokens)
+
+    def _time_tokens(self, num_new_tokens: int) -> None:
+        now_s = time.monotonic()
+        if self._last_token_at_s is None:
+            # Tokens that came with the first one have no gap to measure: ITL leaves them out
+            # rather than count them as 0 s (workers send one token per response, so there are none).
+            self._service.metrics.first_token(now_s - self._accepted_at_s)
+        else:
+            self._service.metrics.next_tokens(now_s - self._last_token_at_s, num_new_tokens)
+        self._last_token_at_s = now_s

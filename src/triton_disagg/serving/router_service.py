@@ -1,0 +1,249 @@
+"""The `router` model: KV-aware choice of prefill and decode workers for each request.
+
+One instance holds the router state: a prefix index fed by every worker's KV
+events (ZeroMQ), the load it routed, and the live worker set from Triton's
+repository index (workers that load or unload join or leave; the state of
+the others survives). `llm` asks it three things per request: where to go
+(`route`), that the first token arrived (`first_token`), and that it ended
+(`complete`). The planner's connector removes a worker with `drain` (no new
+requests), `inflight` (requests routed to it that have not completed) and,
+when the removal is called off, `undrain`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+import triton_python_backend_utils as pb_utils
+
+from triton_disagg.engine.params import InvalidRequest
+from triton_disagg.serving.live_workers import (
+    RepositoryWatcher,
+    kv_event_endpoints,
+    split_workers,
+    worker_loads,
+)
+from triton_disagg.serving.protocol import parse_routing_mode
+from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
+from triton_disagg.router.config import RouterConfig, RoutingMode
+from triton_disagg.router.events import WorkerId
+from triton_disagg.router.hashing import hash_request_tokens
+from triton_disagg.router.selection import KvRouter, NoWorkerAvailable, RouteRequest
+from triton_disagg.router.subscriber import KVEventSubscriber
+
+logger = logging.getLogger(__name__)
+
+ROUTER_MODEL = "router"
+ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode", "worker_name")
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    decode_worker: str
+    prefill_worker: str | None  # None: no prefill worker is live, or all are busy
+    prefill_pool_saturated: bool
+    overlap_blocks: int  # prompt blocks the decode worker holds, as far as the router knows
+
+
+class RouterService:
+    def __init__(
+        self,
+        config: RouterConfig,
+        http_url: str,
+        kv_events_dir: str,
+        metrics_url: str = "",
+        repository_headers: dict[str, str] | None = None,
+    ) -> None:
+        """`metrics_url`: the server's metrics page, whose worker load reports refresh the router's view;
+        `repository_headers`: sent with the repository-index polls (the key of a restricted API)."""
+        self.config = config
+        self._metrics_url = metrics_url
+        self._session = requests.Session()
+        self.router = KvRouter(config)
+        self._kv_events_dir = kv_events_dir
+        self._subscriber = KVEventSubscriber(self.router.index) if kv_events_dir else None
+        self._lock = self._subscriber.lock if self._subscriber else threading.Lock()
+        self._prefill: list[WorkerId] = []
+        self._decode: list[WorkerId] = []
+        self._draining: set[WorkerId] = set()  # live, but sent no new requests (about to be unloaded)
+        self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
+        self._watcher.start()
+
+    def route(self, request_id: str, prompt_token_ids: list[int], mode: RoutingMode | None) -> Route:
+        """Choose workers and count the request on them. Raises LookupError when no decode worker can take it."""
+        if not self._decode:
+            self._watcher.refresh()  # a worker loaded since the last poll is found at once
+        request = RouteRequest(
+            request_id, tuple(hash_request_tokens(prompt_token_ids, self.config.block_size)), len(prompt_token_ids), mode
+        )
+        now = time.monotonic()
+        with self._lock:
+            prefill = [w for w in self._prefill if w not in self._draining]
+            decode = [w for w in self._decode if w not in self._draining]
+            prefill_choice = None
+            if prefill:
+                try:
+                    prefill_choice = self.router.select(request, now, prefill)
+                except NoWorkerAvailable:
+                    pass  # every prefill worker is busy: decode workers prefill locally
+            try:
+                decode_choice = self.router.select(request, now, decode)
+            except NoWorkerAvailable as exc:
+                raise LookupError(f"no decode worker can take the request: {exc}") from None
+            self.router.record(request, prefill_choice or decode_choice, decode_choice, now)
+            return Route(
+                decode_worker=decode_choice.worker_id,
+                prefill_worker=None if prefill_choice is None else prefill_choice.worker_id,
+                prefill_pool_saturated=bool(prefill) and prefill_choice is None,
+                overlap_blocks=decode_choice.overlap_blocks,
+            )
+
+    def drain(self, worker_name: str) -> None:
+        """Send `worker_name` no new requests; it leaves the set when it is unloaded.
+
+        Requests routed to it before this returns are counted by `num_inflight`.
+        """
+        with self._lock:
+            if worker_name not in self._prefill and worker_name not in self._decode:
+                raise InvalidRequest(f"worker_name {worker_name!r} is not a live prefill or decode worker")
+            self._draining.add(WorkerId(worker_name))
+
+    def undrain(self, worker_name: str) -> None:
+        """Send `worker_name` new requests again (a removal called off). Idempotent."""
+        with self._lock:
+            self._draining.discard(WorkerId(worker_name))
+
+    def num_inflight(self, worker_name: str) -> int:
+        """Requests routed to `worker_name`, as prefill or decode worker, whose `complete` has not come.
+
+        A request counts from its route decision, so one still queued in Triton
+        on its way to the worker counts too. Raises InvalidRequest for a worker
+        the router does not know (not loaded, or unloaded already).
+        """
+        with self._lock:
+            try:
+                return self.router.num_requests_on(WorkerId(worker_name))
+            except KeyError:
+                raise InvalidRequest(f"worker_name {worker_name!r} is not a worker the router knows") from None
+
+    def on_first_token(self, request_id: str) -> None:
+        with self._lock:
+            self.router.on_first_token(request_id)
+
+    def on_complete(self, request_id: str) -> None:
+        with self._lock:
+            self.router.on_complete(request_id)
+
+    def execute(self, request) -> "pb_utils.InferenceResponse":
+        try:
+            inputs = read_inputs(request, ROUTER_INPUT_NAMES)
+            action = bytes(inputs["action"].reshape(-1)[0]).decode()
+            if action in ("drain", "undrain", "inflight"):
+                if inputs["worker_name"] is None:
+                    raise InvalidRequest(f"action {action} needs worker_name")
+                worker_name = bytes(inputs["worker_name"].reshape(-1)[0]).decode()
+                if action == "undrain":
+                    self.undrain(worker_name)
+                    return pb_utils.InferenceResponse(output_tensors=[])
+                if action == "drain":
+                    self.drain(worker_name)
+                num_inflight = np.array([self.num_inflight(worker_name)], dtype=np.int32)
+                return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("num_inflight", num_inflight)])
+            if inputs["request_id"] is None:
+                raise InvalidRequest(f"action {action} needs request_id")
+            request_id = bytes(inputs["request_id"].reshape(-1)[0]).decode()
+            if action == "first_token":
+                self.on_first_token(request_id)
+                return pb_utils.InferenceResponse(output_tensors=[])
+            if action == "complete":
+                self.on_complete(request_id)
+                return pb_utils.InferenceResponse(output_tensors=[])
+            if action != "route":
+                raise InvalidRequest(
+                    f"action must be route, first_token, complete, drain, undrain or inflight, got {action!r}"
+                )
+            mode = inputs["routing_mode"]
+            mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
+            route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)
+            return pb_utils.InferenceResponse(
+                output_tensors=[
+                    bytes_tensor("decode_worker", route.decode_worker),
+                    bytes_tensor("prefill_worker", route.prefill_worker or ""),
+                    pb_utils.Tensor("prefill_pool_saturated", np.array([route.prefill_pool_saturated], dtype=np.bool_)),
+                    pb_utils.Tensor("overlap_blocks", np.array([route.overlap_blocks], dtype=np.int32)),
+                ]
+            )
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error; the router keeps serving
+            return error_response(exc)
+
+    def shutdown(self) -> None:
+        self._watcher.stop()
+        if self._subscriber is not None:
+            self._subscriber.close()
+
+    def _on_live(self, model_names: list[str]) -> None:
+        """Every poll: follow workers that loaded or unloaded, and take in their load reports."""
+        prefill, decode = split_workers(model_names)
+        loads = {}
+        if self._metrics_url:
+            try:
+                loads = worker_loads(self._session.get(self._metrics_url, timeout=5).text)
+            except requests.RequestException as exc:
+                logger.warning("could not read worker loads from %s: %s", self._metrics_url, exc)
+        with self._lock:
+            added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
+            self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
+            self._draining &= set(self._prefill) | set(self._decode)  # an unloaded worker comes back undrained
+            for worker_id in self.router.worker_ids:
+                if worker_id in loads:
+                    self.router.refresh_metrics(worker_id, loads[worker_id])
+        if self._subscriber is not None:
+            for worker_id in removed:
+                self._subscriber.remove_worker(worker_id)
+            for worker_id in added:
+                self._subscriber.add_worker(worker_id, *kv_event_endpoints(self._kv_events_dir, worker_id))
+
+
+class RouterClient:
+    """`llm`'s side: calls the `router` model through BLS."""
+
+    def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
+        inputs = [
+            bytes_tensor("action", "route"),
+            bytes_tensor("request_id", request_id),
+            pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
+        ]
+        if routing_mode:
+            inputs.append(bytes_tensor("routing_mode", routing_mode))
+        response = self._call(inputs, ["decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks"])
+        output = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0] for name in
+                  ("decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks")}
+        return Route(
+            decode_worker=output["decode_worker"].decode(),
+            prefill_worker=output["prefill_worker"].decode() or None,
+            prefill_pool_saturated=bool(output["prefill_pool_saturated"]),
+            overlap_blocks=int(output["overlap_blocks"]),
+        )
+
+    def first_token(self, request_id: str) -> None:
+        self._call([bytes_tensor("action", "first_token"), bytes_tensor("request_id", request_id)], [])
+
+    def complete(self, request_id: str) -> None:
+        self._call([bytes_tensor("action", "complete"), bytes_tensor("request_id", request_id)], [])
+
+    @staticmethod
+    def _call(inputs, output_names):
+        response = pb_utils.InferenceRequest(model_name=ROUTER_MODEL, inputs=inputs, requested_output_names=output_names).exec()
+        if response.has_error():
+            error = response.error()
+            if error.code() == pb_utils.TritonError.INVALID_ARG:
+                raise InvalidRequest(error.message())
+            if error.code() == pb_utils.TritonError.UNAVAILABLE:
+                raise LookupError(error.message())
+            raise RuntimeError(f"router: {error.message()}")
+        return response

@@ -1,0 +1,110 @@
+"""Model parameters (the `parameters` of a config.pbtxt) to typed settings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from triton_disagg.engine.config import EngineConfig
+
+#: The checkpoint served when a model's `model_path` parameter is empty.
+DEFAULT_MODEL_PATH = Path.home() / ".cache" / "triton-disagg" / "models" / "tiny-llama"
+
+
+@dataclass(slots=True, frozen=True)
+class LLMSettings:
+    """What the `llm` entry model needs to know."""
+
+    #: Checkpoint directory; only its tokenizer.json and config.json are read.
+    model_path: Path
+    #: Longest prompt + output, in tokens.
+    max_model_len: int
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.model_path / "tokenizer.json"
+
+
+def model_parameters(model_config: Mapping) -> dict[str, str]:
+    """The string parameters of a Triton model config (as passed to `initialize`)."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def resolve_model_path(parameters: Mapping[str, str]) -> Path:
+    """The `model_path` parameter, or the default model; raises ValueError if it is not a checkpoint."""
+    path = Path(parameters.get("model_path") or DEFAULT_MODEL_PATH).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model_path {path!s} has no config.json; set the model_path parameter to a Hugging Face checkpoint "
+            "directory, or create the default model with `triton-disagg make-model`"
+        )
+    return path
+
+
+def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
+    """Settings of the `llm` model from its parameters. Raises ValueError naming a bad parameter."""
+    model_path = resolve_model_path(parameters)
+    if not (model_path / "tokenizer.json").is_file():
+        raise ValueError(f"model_path {model_path!s} has no tokenizer.json; the llm model needs one")
+    max_model_len = _optional_int(parameters, "max_model_len")
+    if max_model_len is None:
+        max_model_len = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 2048)
+    return LLMSettings(model_path=model_path, max_model_len=max_model_len)
+
+
+def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
+    """The engine configuration of a `worker` model from its parameters. Raises ValueError naming a bad one."""
+    # Imported here: it pulls in torch, which the llm model has no use for.
+    from triton_disagg.engine.config import EngineConfig
+
+    config = EngineConfig(model_path=str(resolve_model_path(parameters)))
+    for name in ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        value = _optional_int(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s"):
+        value = _optional_float(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
+    config.validate()
+    return config
+
+
+def min_remote_prefill_tokens(parameters: Mapping[str, str], default: int = 512) -> int:
+    """A decode worker's threshold for remote prefill (0: always, when a prefill worker is offered)."""
+    raw = parameters.get("min_remote_prefill_tokens", "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"parameter min_remote_prefill_tokens must be an integer >= 0, got {raw!r}")
+    return int(raw)
+
+
+def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
+    raw = parameters.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"parameter {name} must be > 0, got {value}")
+    return value
+
+
+def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
+    raw = parameters.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"parameter {name} must be >= 1, got {value}")
+    return value

@@ -1,0 +1,62 @@
+"""Small helpers between Triton's Python-backend objects and numpy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_disagg.engine.params import InvalidRequest, SamplingParams
+
+
+def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
+    """The request's input arrays by name; None for an optional input the client left out."""
+    inputs = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        inputs[name] = None if tensor is None else tensor.as_numpy()
+    return inputs
+
+
+def read_output(response, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def bytes_tensor(name: str, text: str) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def int32_tensor(name: str, values: int | Iterable[int]) -> "pb_utils.Tensor":
+    array = np.array([values] if isinstance(values, int) else list(values), dtype=np.int32)
+    return pb_utils.Tensor(name, array)
+
+
+def prompt_tensors(prompt_token_ids: list[int], params: SamplingParams, with_max_tokens: bool = True) -> list:
+    """A worker request's prompt and sampling inputs (`max_tokens` left out for a prefill worker)."""
+    tensors = [
+        pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
+        pb_utils.Tensor("temperature", np.array([params.temperature], dtype=np.float32)),
+        pb_utils.Tensor("top_k", np.array([params.top_k], dtype=np.int32)),
+        pb_utils.Tensor("top_p", np.array([params.top_p], dtype=np.float32)),
+        pb_utils.Tensor("ignore_eos", np.array([params.ignore_eos], dtype=np.bool_)),
+    ]
+    if with_max_tokens:
+        tensors.append(pb_utils.Tensor("max_tokens", np.array([params.max_tokens], dtype=np.int32)))
+    if params.seed is not None:
+        tensors.append(pb_utils.Tensor("seed", np.array([params.seed], dtype=np.uint64)))
+    return tensors
+
+
+def error_response(error: Exception) -> "pb_utils.InferenceResponse":
+    """A response carrying `error`: INVALID_ARG for a bad request, UNAVAILABLE with no worker, else INTERNAL."""
+    if isinstance(error, pb_utils.TritonError):
+        return pb_utils.InferenceResponse(error=error)
+    if isinstance(error, InvalidRequest):
+        code, message = pb_utils.TritonError.INVALID_ARG, str(error)
+    elif isinstance(error, LookupError):  # no live worker to serve it
+        code, message = pb_utils.TritonError.UNAVAILABLE, str(error).strip("'\"")
+    else:
+        code, message = pb_utils.TritonError.INTERNAL, f"{type(error).__name__}: {error}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

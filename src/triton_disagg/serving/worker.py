@@ -1,0 +1,136 @@
+"""What every engine worker model shares: the engine thread, its NIXL agent, metrics, responses."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import triton_python_backend_utils as pb_utils
+
+from triton_disagg.engine.async_engine import EngineThread
+from triton_disagg.engine.config import EngineConfig
+from triton_disagg.engine.llm_engine import LLMEngine
+from triton_disagg.engine.params import RequestOutput
+from triton_disagg.serving.kv_directory import DirectoryClient
+from triton_disagg.serving.live_workers import kv_event_endpoints
+from triton_disagg.serving.metrics import WorkerMetrics
+from triton_disagg.serving.triton_io import bytes_tensor, error_response, int32_tensor
+from triton_disagg.router.config import PublisherConfig
+from triton_disagg.router.events import WorkerId
+from triton_disagg.router.publisher import KVEventPublisher
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+logger = logging.getLogger(__name__)
+
+
+class EngineService:
+    """One engine on its own thread, with a NIXL agent registered in the KV directory.
+
+    The agent's name is the model name plus a random suffix, so a reloaded
+    worker (new pool, new addresses) is a new peer, never a stale one.
+    """
+
+    def __init__(self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True) -> None:
+        """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none."""
+        self.model_name = model_name
+        self.agent_name = f"{model_name}-{uuid.uuid4().hex[:8]}"
+        factory = None
+        if use_nixl:
+            from triton_disagg.kv_transfer.nixl_connector import NixlConnector
+
+            factory = lambda pool: NixlConnector(self.agent_name, pool, model_name)  # noqa: E731
+        self.engine = LLMEngine(config, kv_connector_factory=factory)
+        self.metrics = WorkerMetrics(model_name, self.engine)
+        self.directory = DirectoryClient()
+        self.publisher = None
+        if kv_events_dir:
+            events_endpoint, dump_endpoint = kv_event_endpoints(kv_events_dir, model_name)
+            self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(events_endpoint, dump_endpoint))
+        self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self._after_step)
+        self._engine_thread.start()
+        self._is_registered = not use_nixl
+        self._register_lock = threading.Lock()
+
+    def ensure_registered(self) -> None:
+        """Publish this worker's agent in the KV directory, once, from `execute`.
+
+        Not from `initialize`: a BLS call made before the model finished loading
+        crashes the Python backend. The first request of a prefill worker comes
+        from a decode worker, which looks the agent up only after this response.
+        """
+        if self._is_registered:
+            return
+        with self._register_lock:
+            if self._is_registered:
+                return
+            connector = self.engine.kv_connector
+            try:
+                self.directory.register(connector.layout, connector.metadata)
+                self._is_registered = True
+            except Exception:  # noqa: BLE001 - the directory may not be loaded yet: retried with the next request
+                logger.warning("could not register %s in the KV directory; will retry", self.agent_name, exc_info=True)
+
+    def _after_step(self) -> None:
+        """On the engine thread: publish the step's KV events and metrics."""
+        events = self.engine.block_manager.drain_events()
+        if self.publisher is not None:
+            self.publisher.publish(events)
+        self.metrics.refresh()
+
+    @property
+    def engine_thread(self) -> EngineThread:
+        return self._engine_thread
+
+    def abort(self, request_id: str) -> None:
+        """Abort an in-flight request; its final (ABORT) response follows from the engine thread."""
+        self._engine_thread.abort(request_id)
+
+    def shutdown(self) -> None:
+        """Abort what is in flight (each request gets its final response) and join the engine thread.
+
+        The directory entry stays (BLS from `finalize` is not safe either): it names
+        this incarnation only, and a handle naming it fails its hold check.
+        """
+        self._engine_thread.stop()
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+class ResponseStream:
+    """Sends one request's engine outputs as responses. Its callbacks run on the engine thread.
+
+    A client that cancels (or a parent BLS request that goes away) aborts
+    the request, which frees its blocks; the final ABORT response still goes out.
+    """
+
+    def __init__(self, service: EngineService, sender, request_id: str) -> None:
+        self._service = service
+        self._sender = sender
+        self._request_id = request_id
+        self._is_aborting = False
+
+    def on_output(self, output: RequestOutput) -> None:
+        if not output.finished and not self._is_aborting and self._sender.is_cancelled():
+            self._is_aborting = True
+            self._service.abort(self._request_id)
+        if self._is_aborting and not output.finished:
+            return
+        tensors = [
+            int32_tensor("output_ids", output.new_token_ids),
+            int32_tensor("num_input_tokens", output.num_prompt_tokens),
+            int32_tensor("num_cached_tokens", output.num_cached_tokens),
+        ]
+        if output.finished:
+            tensors.append(bytes_tensor("finish_reason", output.finish_reason.value))
+            self._service.metrics.count_request(output.num_prompt_tokens, output.num_cached_tokens)
+        tensors.extend(self.extra_tensors(output))
+        # A failed send raises into EngineThread, which aborts the request.
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.finished else 0)
+
+    def extra_tensors(self, output: RequestOutput) -> list:
+        return []
+
+    def on_error(self, error: Exception) -> None:
+        self._sender.send(error_response(error), flags=FINAL)

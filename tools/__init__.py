@@ -1,1 +1,0 @@
-"""Command-line tools: the `triton-disagg` CLI, the Triton server launcher, benchmarks."""
