@@ -14,6 +14,7 @@ from triton_disagg.router.events import (
     BlockStored,
     EventBatch,
     MalformedEventError,
+    Medium,
     WorkerDump,
     WorkerId,
     decode_batch,
@@ -57,6 +58,9 @@ EVENTS = (
     BlockStored((2**64 - 1,), 3, (), 4),
     BlockRemoved((2, 3)),
     AllCleared(),
+    BlockStored((2, 3), 1, (), 4, Medium.HOST),
+    BlockStored((3,), 2, (), 4, Medium.DISK),
+    BlockRemoved((3,), Medium.HOST),
 )
 
 
@@ -71,13 +75,22 @@ def test_token_ids_can_be_left_off_the_wire():
 
 
 def test_dump_and_dump_request_round_trip():
-    dump = WorkerDump(W, 5, 9, ((11, None), (12, 11), (2**64 - 1, 12)))
+    dump = WorkerDump(W, 5, 9, ((11, None), (12, 11), (2**64 - 1, 12)), ((12, 3), (2**64 - 1, 4)))
     assert decode_dump(encode_dump(dump)) == dump
     assert decode_dump_request(encode_dump_request(W)) == W
 
 
-def _batch(events: list) -> bytes:
-    return msgpack.packb([1, "prefill_0", 1, 1, events])
+def test_version_1_payloads_still_decode_with_every_block_on_the_device():
+    batch = decode_batch(msgpack.packb([1, "prefill_0", 1, 1, [[0, [1, 2], None, [], 4], [1, [2]]]]))
+    assert batch.events == (BlockStored((1, 2), None, (), 4), BlockRemoved((2,)))
+    assert batch.events[0].medium is Medium.DEVICE and batch.events[1].medium is Medium.DEVICE
+    dump = decode_dump(msgpack.packb([1, "prefill_0", 1, 1, [11], [None]]))
+    assert dump == WorkerDump(W, 1, 1, ((11, None),))
+    assert decode_dump_request(msgpack.packb([1, "dump", "prefill_0"])) == W
+
+
+def _batch(events: list, version: int = 1) -> bytes:
+    return msgpack.packb([version, "prefill_0", 1, 1, events])
 
 
 @pytest.mark.parametrize(
@@ -86,7 +99,8 @@ def _batch(events: list) -> bytes:
         (b"\xc1", None),  # never used byte
         (b"", None),
         (msgpack.packb({"a": 1}), None),
-        (msgpack.packb([2, "prefill_0", 1, 1, []]), None),  # other wire version
+        (msgpack.packb([3, "prefill_0", 1, 1, []]), None),  # other wire version
+        (msgpack.packb([True, "prefill_0", 1, 1, []]), None),
         (msgpack.packb([1, "", 1, 1, []]), None),
         (msgpack.packb([1, "prefill_0", -1, 1, []]), None),
         (msgpack.packb([1, "prefill_0", 1, 1.5, []]), None),
@@ -107,6 +121,11 @@ def _batch(events: list) -> bytes:
         (_batch([[True, [1]]]), W),  # a boolean is not a tag
         (_batch([[]]), W),
         (_batch({"events": 1}), W),
+        (_batch([[0, [1], None, [], 4]], version=2), W),  # version 2 carries the medium
+        (_batch([[0, [1], None, [], 4, "gpu"]], version=2), W),
+        (_batch([[0, [1], None, [], 4, 1]], version=2), W),
+        (_batch([[1, [1]]], version=2), W),
+        (_batch([[1, [1], None]], version=2), W),
     ],
 )
 def test_malformed_batches_are_rejected_naming_the_worker_when_known(payload, worker_id):
@@ -122,6 +141,10 @@ def test_malformed_batches_are_rejected_naming_the_worker_when_known(payload, wo
         msgpack.packb([1, "w", 1, 1, [1], [-1]]),
         msgpack.packb([1, "w", 1, 1, [1.5], [None]]),
         msgpack.packb([1, "w", 1]),
+        msgpack.packb([2, "w", 1, 1, [1], [None]]),  # version 2 carries the media list
+        msgpack.packb([2, "w", 1, 1, [1], [None], [[1, 8]]]),  # mask outside 1..7
+        msgpack.packb([2, "w", 1, 1, [1], [None], [[1]]]),
+        msgpack.packb([2, "w", 1, 1, [1], [None], [[-1, 2]]]),
     ],
 )
 def test_malformed_dumps_are_rejected(payload):

@@ -6,9 +6,11 @@ import random
 
 import pytest
 
-from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, WorkerId
+from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, Medium, WorkerId
 from triton_disagg.router.hashing import BlockHash, hash_request_tokens
-from triton_disagg.router.index import PrefixIndex, UnknownWorkerError
+from triton_disagg.router.index import PrefixIndex, TierMatch, UnknownWorkerError
+
+DEVICE, HOST, DISK = Medium.DEVICE, Medium.HOST, Medium.DISK
 
 BLOCK_SIZE = 4
 A, B, C = WorkerId("a"), WorkerId("b"), WorkerId("c")
@@ -19,8 +21,8 @@ def chain(*tokens: int) -> list[BlockHash]:
     return hash_request_tokens(list(tokens), BLOCK_SIZE)
 
 
-def stored(hashes: list[BlockHash], parent: BlockHash | None = None) -> BlockStored:
-    return BlockStored(tuple(hashes), parent, (), BLOCK_SIZE)
+def stored(hashes: list[BlockHash], parent: BlockHash | None = None, medium: Medium = DEVICE) -> BlockStored:
+    return BlockStored(tuple(hashes), parent, (), BLOCK_SIZE, medium)
 
 
 def make_index(*workers: WorkerId, **overrides) -> PrefixIndex:
@@ -200,3 +202,82 @@ def test_random_event_streams_keep_invariants_and_exact_matches():
         index.check_integrity()
         query = rng.choice(prompts)
         assert index.find_matches(query) == reference_matches(index, query)
+
+
+def test_media_of_a_block_pair_up_per_medium_and_the_entry_lives_while_any_holds_it():
+    index = make_index(A)
+    index.apply_event(A, stored(H[:2]))
+    index.apply_event(A, stored(H[:2], medium=HOST))  # offloaded: now on the device and in host memory
+    index.apply_event(A, stored(H[1:2], H[0], medium=DISK))
+    assert [index.media_mask(A, h) for h in H[:3]] == [1 | 2, 1 | 2 | 4, 0]
+    index.apply_event(A, BlockRemoved(tuple(H[:2])))  # evicted from the device
+    assert [index.media_mask(A, h) for h in H[:2]] == [2, 2 | 4]
+    assert index.find_matches(H) == {A: 2}
+    index.apply_event(A, BlockRemoved(tuple(H[:2]), HOST))
+    index.apply_event(A, BlockRemoved(tuple(H[:2]), DISK))  # H[0] was never on disk: a no-op for it
+    assert index.dump() == {A: []} and index.dump_media() == {A: []}
+    index.check_integrity()
+
+
+def test_removing_a_medium_the_block_is_not_in_changes_nothing():
+    index = make_index(A)
+    index.apply_event(A, stored(H[:2]))
+    index.apply_event(A, BlockRemoved(tuple(H[:2]), HOST))
+    assert index.find_matches(H) == {A: 2} and index.dump_media() == {A: []}
+    index.apply_event(A, stored(H[:1], medium=DISK))
+    index.apply_event(A, BlockRemoved(tuple(H[:1]), HOST))
+    assert index.media_mask(A, H[0]) == 1 | 4
+    index.check_integrity()
+
+
+def test_tiered_matches_split_the_leading_run_by_best_medium():
+    index = make_index(A, B)
+    index.apply_event(A, stored(H[:1]))
+    index.apply_event(A, stored(H[:3], medium=HOST))
+    index.apply_event(A, stored(H[2:4], H[1], medium=DISK))
+    index.apply_event(B, stored(H[:2]))
+    # A: H[0] device (and host), H[1] host, H[2] host (and disk), H[3] disk.
+    assert index.find_tiered_matches(H) == {A: TierMatch(1, 2, 1), B: TierMatch(2)}
+    assert index.find_tiered_matches(H)[A].credit(host_weight=0.5, disk_weight=0.25) == 1 + 2 * 0.5 + 0.25
+    assert index.find_matches(H) == {A: 4, B: 2}
+
+
+def test_dump_with_media_loads_back_into_an_equal_index():
+    index = make_index(A)
+    index.apply_event(A, stored(H[:2]))
+    index.apply_event(A, stored(H[:3], medium=HOST))
+    index.apply_event(A, BlockRemoved(tuple(H[:1])))
+    copy = make_index(A)
+    copy.replace_worker(A, index.dump()[A], index.dump_media()[A])
+    assert copy.dump() == index.dump()
+    assert sorted(copy.dump_media()[A]) == sorted(index.dump_media()[A]) == sorted([(H[0], 2), (H[1], 3), (H[2], 2)])
+    assert copy.find_tiered_matches(H) == {A: TierMatch(1, 2, 0)}
+    copy.check_integrity()
+
+
+def test_random_event_streams_with_media_keep_invariants_and_exact_media():
+    """Random stores and removals in three media, against a brute-force map of hash -> media."""
+    rng = random.Random(11)
+    prompts = [chain(*[rng.randrange(3) for _ in range(4 * 6)]) for _ in range(20)]
+    index = make_index(A)
+    media: dict[BlockHash, set[Medium]] = {}
+    for _ in range(800):
+        prompt = rng.choice(prompts)
+        medium = rng.choice([DEVICE, HOST, DISK])
+        if rng.random() < 0.5:
+            start = rng.randrange(len(prompt))
+            end = rng.randrange(start, len(prompt)) + 1
+            index.apply_event(A, stored(prompt[start:end], prompt[start - 1] if start else None, medium))
+            for block_hash in prompt[start:end]:
+                media.setdefault(block_hash, set()).add(medium)
+        else:
+            removed = rng.sample(prompt, 2)
+            index.apply_event(A, BlockRemoved(tuple(removed), medium))
+            for block_hash in removed:
+                media.get(block_hash, set()).discard(medium)
+        index.check_integrity()
+        for block_hash in {h for p in prompts for h in p}:
+            expected = sum(m.bit for m in media.get(block_hash, ()))
+            assert index.media_mask(A, block_hash) == expected
+        query = rng.choice(prompts)
+        assert index.find_tiered_matches(query).get(A, TierMatch(0)).num_blocks == reference_matches(index, query).get(A, 0)

@@ -9,7 +9,7 @@ import pytest
 
 from triton_disagg.router.approx import ApproxIndex
 from triton_disagg.router.config import RouterConfig, RoutingMode
-from triton_disagg.router.events import BlockStored, WorkerId
+from triton_disagg.router.events import BlockStored, Medium, WorkerId
 from triton_disagg.router.hashing import hash_request_tokens
 from triton_disagg.router.selection import (
     KvRouter,
@@ -143,6 +143,23 @@ def test_kv_mode_prefers_the_worker_holding_the_prefix():
     decision = router.route(request(), 0.0)
     # B: (16 - 12) / 4 = 1 block to prefill; A and C: 4.
     assert (decision.worker_id, decision.overlap_blocks, decision.cost, decision.reason) == (B, 3, 1.0, "lowest_cost")
+
+
+@pytest.mark.parametrize(
+    "medium, weights, expected",
+    [
+        # B's 4 host blocks are worth 3 device blocks: cost 4 - 3 = 1 beats A's 4 - 2 = 2.
+        (Medium.HOST, {"host_hit_weight": 0.75}, (B, 4, 1.0)),
+        # B's 4 disk blocks are worth 1 device block: cost 3 loses to A's 2.
+        (Medium.DISK, {"disk_hit_weight": 0.25}, (A, 2, 2.0)),
+    ],
+)
+def test_lower_tier_blocks_are_credited_with_their_weights(medium, weights, expected):
+    router = make_router(A, B, **weights)
+    router.index.apply_event(A, BlockStored(H[:2], None, (), BLOCK_SIZE))
+    router.index.apply_event(B, BlockStored(H, None, (), BLOCK_SIZE, medium))
+    decision = router.route(request(), 0.0)
+    assert (decision.worker_id, decision.overlap_blocks, decision.cost) == expected
 
 
 def test_load_is_added_at_routing_prefill_removed_at_first_token_all_at_completion():

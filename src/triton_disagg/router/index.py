@@ -20,6 +20,13 @@ recorded tail first, so a chain's tail goes before its head, as in the
 engine). A dropped entry only makes the index under-report that worker's
 overlap; it never reports a block the worker did not announce.
 
+Each entry also records the media (storage tiers) the worker holds the
+block in: its device pool, host memory, disk. An entry lives while any
+medium holds it; `find_tiered_matches` splits a worker's overlap by the
+best medium of each block, so a router can credit a block that must be
+brought back from host memory or disk less than one already on the device.
+Only entries held anywhere but exactly the device pool cost extra memory.
+
 The index is not thread-safe: one thread mutates it, or callers hold a lock.
 """
 
@@ -29,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, takewhile
 
-from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent, WorkerId
+from triton_disagg.router.events import ALL_MEDIA_MASK, AllCleared, BlockRemoved, BlockStored, KVEvent, Medium, WorkerId
 from triton_disagg.router.hashing import BlockHash
 
 #: Default for `max_blocks_per_worker`: 262,144 blocks (about 4M tokens at a
@@ -37,6 +44,24 @@ from triton_disagg.router.hashing import BlockHash
 DEFAULT_MAX_BLOCKS_PER_WORKER = 1 << 18
 
 _NOT_HELD = object()
+_DEVICE, _HOST = Medium.DEVICE.bit, Medium.HOST.bit
+
+
+@dataclass(slots=True, frozen=True)
+class TierMatch:
+    """A worker's leading prompt blocks, split by the best medium holding each (device > host > disk)."""
+
+    num_device: int
+    num_host: int = 0
+    num_disk: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_device + self.num_host + self.num_disk
+
+    def credit(self, host_weight: float, disk_weight: float) -> float:
+        """Blocks as worth a device hit: a host block counts `host_weight`, a disk block `disk_weight`."""
+        return self.num_device + host_weight * self.num_host + disk_weight * self.num_disk
 
 
 class UnknownWorkerError(KeyError):
@@ -52,6 +77,10 @@ class _WorkerBlocks:
     num_children: dict[BlockHash, int] = field(default_factory=dict)
     #: Held blocks whose (non-None) parent is not held.
     num_orphans: int = 0
+    #: Media mask of each held block that is anywhere but exactly the device (absent: device only).
+    media: dict[BlockHash, int] = field(default_factory=dict)
+    #: Held blocks the device does not hold (only host memory or disk).
+    num_off_device: int = 0
 
 
 class PrefixIndex:
@@ -120,30 +149,48 @@ class PrefixIndex:
         if blocks is None:
             raise UnknownWorkerError(worker_id)
         if type(event) is BlockStored:
-            self._store(worker_id, blocks, event.block_hashes, event.parent_block_hash)
+            self._store(worker_id, blocks, event.block_hashes, event.parent_block_hash, event.medium.bit)
         elif type(event) is BlockRemoved:
-            self._remove(worker_id, blocks, event.block_hashes)
+            self._remove(worker_id, blocks, event.block_hashes, event.medium.bit)
         elif type(event) is AllCleared:
             self.clear_worker(worker_id)
         else:
             raise TypeError(f"not a KV event: {type(event).__name__}")
 
     def store_blocks(
-        self, worker_id: WorkerId, block_hashes: Sequence[BlockHash], parent_block_hash: BlockHash | None = None
+        self,
+        worker_id: WorkerId,
+        block_hashes: Sequence[BlockHash],
+        parent_block_hash: BlockHash | None = None,
+        medium: Medium = Medium.DEVICE,
     ) -> None:
-        """Same as applying BlockStored(block_hashes, parent_block_hash, ...), without building the event."""
-        self._store(worker_id, self._blocks(worker_id), block_hashes, parent_block_hash)
+        """Same as applying BlockStored(block_hashes, parent_block_hash, ..., medium), without building the event."""
+        self._store(worker_id, self._blocks(worker_id), block_hashes, parent_block_hash, medium.bit)
 
-    def remove_blocks(self, worker_id: WorkerId, block_hashes: Iterable[BlockHash]) -> None:
-        """Same as applying BlockRemoved(block_hashes)."""
-        self._remove(worker_id, self._blocks(worker_id), block_hashes)
+    def remove_blocks(
+        self, worker_id: WorkerId, block_hashes: Iterable[BlockHash], medium: Medium = Medium.DEVICE
+    ) -> None:
+        """Same as applying BlockRemoved(block_hashes, medium)."""
+        self._remove(worker_id, self._blocks(worker_id), block_hashes, medium.bit)
 
-    def replace_worker(self, worker_id: WorkerId, entries: Iterable[tuple[BlockHash, BlockHash | None]]) -> None:
-        """Set a known worker's blocks to `entries` ((hash, parent) pairs, least recent first), as after a dump."""
+    def replace_worker(
+        self,
+        worker_id: WorkerId,
+        entries: Iterable[tuple[BlockHash, BlockHash | None]],
+        media: Iterable[tuple[BlockHash, int]] = (),
+    ) -> None:
+        """Set a known worker's blocks to `entries` ((hash, parent) pairs, least recent first), as after a dump.
+
+        `media` gives (hash, media mask) for entries not on the device only
+        (as `dump_media` lists them); masks of hashes not in `entries` are ignored.
+        """
         self.clear_worker(worker_id)
         blocks = self._workers[worker_id]
         for block_hash, parent in entries:
-            self._store(worker_id, blocks, (block_hash,), parent)
+            self._store(worker_id, blocks, (block_hash,), parent, _DEVICE)
+        for block_hash, mask in media:
+            if block_hash in blocks.parents and 0 < mask <= ALL_MEDIA_MASK:
+                self._set_mask(blocks, block_hash, _DEVICE, mask)
 
     # -- queries -----------------------------------------------------------------
 
@@ -179,9 +226,40 @@ class PrefixIndex:
                 scores[worker_id] = lo
         return scores
 
+    def find_tiered_matches(self, block_hashes: Sequence[BlockHash]) -> dict[WorkerId, TierMatch]:
+        """`find_matches`, with each worker's leading blocks split by the best medium holding them.
+
+        O(H log D) for workers whose every block is on the device, O(D) more
+        for a worker holding blocks off the device. No side effects.
+        """
+        matches: dict[WorkerId, TierMatch] = {}
+        for worker_id, num_blocks in self.find_matches(block_hashes).items():
+            blocks = self._workers[worker_id]
+            if not blocks.num_off_device:
+                matches[worker_id] = TierMatch(num_blocks)
+                continue
+            media = blocks.media
+            counts = [0, 0, 0]
+            for block_hash in block_hashes[:num_blocks]:
+                mask = media.get(block_hash, _DEVICE)
+                counts[0 if mask & _DEVICE else 1 if mask & _HOST else 2] += 1
+            matches[worker_id] = TierMatch(*counts)
+        return matches
+
+    def media_mask(self, worker_id: WorkerId, block_hash: BlockHash) -> int:
+        """Media bits (`Medium.bit`) of a worker's block; 0 when it holds none. Raises UnknownWorkerError."""
+        blocks = self._blocks(worker_id)
+        if block_hash not in blocks.parents:
+            return 0
+        return blocks.media.get(block_hash, _DEVICE)
+
     def dump(self) -> dict[WorkerId, list[tuple[BlockHash, BlockHash | None]]]:
         """Every worker's (hash, parent) entries, least recently stored first; `replace_worker` takes them back."""
         return {worker_id: list(blocks.parents.items()) for worker_id, blocks in self._workers.items()}
+
+    def dump_media(self) -> dict[WorkerId, list[tuple[BlockHash, int]]]:
+        """Every worker's (hash, media mask) for its entries held anywhere but exactly the device."""
+        return {worker_id: list(blocks.media.items()) for worker_id, blocks in self._workers.items()}
 
     def check_integrity(self) -> None:
         """Raise RuntimeError if child counts, orphan counts or root holders disagree with the entries."""
@@ -200,6 +278,12 @@ class PrefixIndex:
                 raise RuntimeError(f"worker {worker_id}: {blocks.num_orphans} orphans counted, {num_orphans} held")
             if len(blocks.parents) > self.max_blocks_per_worker:
                 raise RuntimeError(f"worker {worker_id}: {len(blocks.parents)} entries over the cap")
+            for block_hash, mask in blocks.media.items():
+                if block_hash not in blocks.parents or not 0 < mask <= ALL_MEDIA_MASK or mask == _DEVICE:
+                    raise RuntimeError(f"worker {worker_id}: media mask {mask} of block {block_hash} is invalid")
+            num_off_device = sum(1 for mask in blocks.media.values() if not mask & _DEVICE)
+            if num_off_device != blocks.num_off_device:
+                raise RuntimeError(f"worker {worker_id}: {blocks.num_off_device} off-device blocks counted, {num_off_device} held")
         if roots != self._root_holders:
             raise RuntimeError("root holders disagree with the entries")
 
@@ -217,18 +301,25 @@ class PrefixIndex:
         blocks: _WorkerBlocks,
         block_hashes: Sequence[BlockHash],
         parent_block_hash: BlockHash | None,
+        bit: int,
     ) -> None:
         parents = blocks.parents
         num_children = blocks.num_children
         count_children = num_children.get
         num_orphans = blocks.num_orphans
+        track_media = bit != _DEVICE or blocks.media  # device-only workers skip the media bookkeeping
         # Tail first, so a chain's head ends up most recently stored and the
         # cap drops tails before heads (no orphans from capping a fresh run).
         for i in range(len(block_hashes) - 1, -1, -1):
             block_hash = block_hashes[i]
             if block_hash in parents:
                 parents[block_hash] = parents.pop(block_hash)  # most recently stored now
+                if track_media:
+                    old = blocks.media.get(block_hash, _DEVICE)
+                    self._set_mask(blocks, block_hash, old, old | bit)
                 continue
+            if bit != _DEVICE:
+                self._set_mask(blocks, block_hash, _DEVICE, bit)
             parent = block_hashes[i - 1] if i else parent_block_hash
             num_orphans -= count_children(block_hash, 0)  # its held children were orphans until now
             parents[block_hash] = parent
@@ -246,13 +337,24 @@ class PrefixIndex:
         if len(parents) > self.max_blocks_per_worker:
             self._cap(worker_id, blocks)
 
-    def _remove(self, worker_id: WorkerId, blocks: _WorkerBlocks, block_hashes: Iterable[BlockHash]) -> None:
-        """Remove the held ones of `block_hashes`; the others are ignored."""
+    def _remove(
+        self, worker_id: WorkerId, blocks: _WorkerBlocks, block_hashes: Iterable[BlockHash], bit: int = ALL_MEDIA_MASK
+    ) -> None:
+        """Drop the media in `bit` from the held ones of `block_hashes`; an entry left in no medium goes."""
         parents = blocks.parents
         num_children = blocks.num_children
         count_children = num_children.get
         num_orphans = blocks.num_orphans
+        media = blocks.media
         for block_hash in block_hashes:
+            if media and block_hash in media:
+                old = media[block_hash]
+                if old & ~bit:  # still held in another medium
+                    self._set_mask(blocks, block_hash, old, old & ~bit)
+                    continue
+                self._set_mask(blocks, block_hash, old, _DEVICE)  # forget its media; the entry goes below
+            elif not bit & _DEVICE:
+                continue  # held on the device only, and the removal is not from the device
             parent = parents.pop(block_hash, _NOT_HELD)
             if parent is _NOT_HELD:
                 continue
@@ -276,6 +378,17 @@ class PrefixIndex:
         if num_excess > 0:
             self._remove(worker_id, blocks, list(islice(blocks.parents, num_excess)))
             self.num_capped_blocks += num_excess
+
+    @staticmethod
+    def _set_mask(blocks: _WorkerBlocks, block_hash: BlockHash, old: int, new: int) -> None:
+        """Change a held block's media mask from `old` to `new` (both non-zero)."""
+        if old == new:
+            return
+        if new == _DEVICE:
+            blocks.media.pop(block_hash, None)
+        else:
+            blocks.media[block_hash] = new
+        blocks.num_off_device += (not new & _DEVICE) - (not old & _DEVICE)
 
     def _discard_root(self, block_hash: BlockHash, worker_id: WorkerId) -> None:
         holders = self._root_holders[block_hash]

@@ -111,7 +111,13 @@ class KVEventPublisher:
         with self._lock:
             seq = self._seq
             if self._mirror is not None:
-                return WorkerDump(self.worker_id, self.epoch, seq, tuple(self._mirror.dump()[self.worker_id]))
+                return WorkerDump(
+                    self.worker_id,
+                    self.epoch,
+                    seq,
+                    tuple(self._mirror.dump()[self.worker_id]),
+                    tuple(self._mirror.dump_media()[self.worker_id]),
+                )
         return WorkerDump(self.worker_id, self.epoch, seq, tuple(self._dump_fn()))  # type: ignore[misc]
 
     def close(self) -> None:

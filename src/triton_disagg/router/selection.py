@@ -5,6 +5,11 @@ Cost of sending a request to worker w, in KV blocks (lower is better):
     cost(w) = overlap_weight * prefill_blocks(w) + active_decode_blocks(w)
     prefill_blocks(w) = (prompt tokens - overlap(w) * block_size + queued_prefill_tokens(w)) / block_size
 
+where overlap(w) credits each leading prompt block the worker holds by where
+it holds it: 1 on the device, `host_hit_weight` in host memory,
+`disk_hit_weight` on disk (bringing a block back is cheaper than computing
+it, dearer than finding it on the device).
+
 so a worker that holds more of the prompt, has less prefill queued and
 fewer blocks decoding wins. Temperature 0 takes the lowest cost; ties go to
 the lower load, then to the worker sent fewer blocks recently, then to a
@@ -38,7 +43,7 @@ from triton_disagg.router.approx import ApproxIndex
 from triton_disagg.router.config import RouterConfig, RoutingMode
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.hashing import BlockHash
-from triton_disagg.router.index import PrefixIndex
+from triton_disagg.router.index import PrefixIndex, TierMatch
 from triton_disagg.router.load import LoadTracker, WorkerLoad, WorkerMetrics
 
 
@@ -59,7 +64,7 @@ class RouteDecision:
     """The chosen worker, with why."""
 
     worker_id: WorkerId
-    #: Leading prompt blocks the chosen worker holds (as far as the router knows).
+    #: Leading prompt blocks the chosen worker holds in any medium (as far as the router knows).
     overlap_blocks: int
     mode: RoutingMode
     #: "lowest_cost", "tie_lower_load", "tie_less_recent", "tie_random", "sampled",
@@ -91,12 +96,15 @@ class NoWorkerAvailable(RuntimeError):
 
 def worker_costs(
     num_prompt_tokens: int,
-    overlaps: Mapping[WorkerId, int],
+    overlaps: Mapping[WorkerId, float],
     loads: Sequence[WorkerLoad],
     overlap_weight: float,
     block_size: int,
 ) -> dict[WorkerId, float]:
-    """Cost of each worker in `loads` for a prompt (see the module docstring). O(workers)."""
+    """Cost of each worker in `loads` for a prompt (see the module docstring). O(workers).
+
+    `overlaps` are each worker's credited prefix blocks (`TierMatch.credit`).
+    """
     costs: dict[WorkerId, float] = {}
     for load in loads:
         num_uncached_tokens = max(num_prompt_tokens - overlaps.get(load.worker_id, 0) * block_size, 0)
@@ -179,13 +187,17 @@ class _CostSelector:
         self.config = config
         self.rng = rng
 
-    def overlaps(self, request: RouteRequest, now_s: float) -> dict[WorkerId, int]:
+    def matches(self, request: RouteRequest, now_s: float) -> dict[WorkerId, TierMatch]:
         raise NotImplementedError
 
     def select(self, request: RouteRequest, loads: Sequence[WorkerLoad], now_s: float) -> RouteDecision:
-        overlaps = self.overlaps(request, now_s)
+        matches = self.matches(request, now_s)
         config = self.config
-        costs = worker_costs(request.num_prompt_tokens, overlaps, loads, config.overlap_weight, config.block_size)
+        credits = {
+            worker_id: match.credit(config.host_hit_weight, config.disk_hit_weight)
+            for worker_id, match in matches.items()
+        }
+        costs = worker_costs(request.num_prompt_tokens, credits, loads, config.overlap_weight, config.block_size)
         if config.temperature > 0:
             weights = softmax_weights(costs, config.temperature)
             worker_id = self.rng.choices(list(weights), list(weights.values()))[0]
@@ -193,14 +205,15 @@ class _CostSelector:
         else:
             by_id = {load.worker_id: load for load in loads}
             worker_id, reason = pick_lowest_cost(costs, by_id, config.block_size, self.rng)
-        return RouteDecision(worker_id, overlaps.get(worker_id, 0), self.mode, reason, costs[worker_id])
+        match = matches.get(worker_id)
+        return RouteDecision(worker_id, match.num_blocks if match else 0, self.mode, reason, costs[worker_id])
 
     def on_routed(self, request: RouteRequest, worker_id: WorkerId, now_s: float) -> None:
         pass
 
 
 class KvSelector(_CostSelector):
-    """Overlap from the KV-event index."""
+    """Overlap from the KV-event index, by the medium each worker holds each block in."""
 
     mode = RoutingMode.KV
 
@@ -208,8 +221,8 @@ class KvSelector(_CostSelector):
         super().__init__(config, rng)
         self.index = index
 
-    def overlaps(self, request: RouteRequest, now_s: float) -> dict[WorkerId, int]:
-        return self.index.find_matches(request.block_hashes)
+    def matches(self, request: RouteRequest, now_s: float) -> dict[WorkerId, TierMatch]:
+        return self.index.find_tiered_matches(request.block_hashes)
 
 
 class ApproxSelector(_CostSelector):
@@ -221,8 +234,8 @@ class ApproxSelector(_CostSelector):
         super().__init__(config, rng)
         self.index = index
 
-    def overlaps(self, request: RouteRequest, now_s: float) -> dict[WorkerId, int]:
-        return self.index.find_matches(request.block_hashes, now_s)
+    def matches(self, request: RouteRequest, now_s: float) -> dict[WorkerId, TierMatch]:
+        return {w: TierMatch(n) for w, n in self.index.find_matches(request.block_hashes, now_s).items()}
 
     def on_routed(self, request: RouteRequest, worker_id: WorkerId, now_s: float) -> None:
         self.index.record(worker_id, request.block_hashes, now_s)

@@ -156,7 +156,7 @@ class EventStreams:
         stream.last_heard_s = now_s
         if stream.state is StreamState.SYNCED:
             return self._count("unsolicited")
-        self.index.replace_worker(dump.worker_id, dump.entries)
+        self.index.replace_worker(dump.worker_id, dump.entries, dump.media)
         buffered = sorted(stream.buffer, key=lambda b: (b.epoch, b.seq))
         stream.buffer.clear()
         stream.state, stream.epoch, stream.seq = StreamState.SYNCED, dump.epoch, dump.seq
