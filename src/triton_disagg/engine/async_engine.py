@@ -56,6 +56,7 @@ class EngineThread:
         self._callbacks: dict[str, tuple[OnOutput, OnError]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        engine.set_copy_done_callback(self._wake)
 
     def start(self) -> None:
         self._thread.start()
@@ -101,12 +102,18 @@ class EngineThread:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def _wake(self) -> None:
+        """A KV tier copy finished (called on the copier thread): let the engine thread apply it."""
+        with self._cond:
+            self._cond.notify()
+
     # -- engine thread -----------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._submissions or self._aborts or self._stopping or self.engine.has_unfinished_requests()):
+                # The condition is checked under the lock the copier notifies with, so no wake-up is lost.
+                while not (self._submissions or self._aborts or self._stopping or self.engine.has_work()):
                     if self.engine.needs_polling():
                         self._cond.wait(KV_POLL_INTERVAL_S)
                         break

@@ -5,12 +5,17 @@ may still be a cached prefix block (it has a hash): it is reused on a hit, and
 only evicted when the allocator needs a block and it is the least recently
 freed one. Freed blocks that hold no cached prefix go to the front of the
 queue, so they are reused before any cached block is evicted.
+
+With lower KV tiers, a `BlockOffloader` hears of every cached block that
+becomes evictable (to copy it to host memory while it waits in the queue)
+and of every block about to be rewritten (to finish a copy still reading it).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from triton_disagg.engine.sequence import Sequence
 from triton_disagg.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent
@@ -22,12 +27,29 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None  # set while the block is in the prefix cache
+    parent_hash: BlockHash | None = None  # hash of the block before it in its sequence, while cached
+
+
+class BlockOffloader(Protocol):
+    """Copies evictable cached blocks to a lower tier. Called on the engine thread."""
+
+    def block_freed(self, block_id: int, block_hash: BlockHash, parent_hash: BlockHash | None) -> None:
+        """A cached block's last holder let go: it may be evicted from now on (its contents never change)."""
+
+    def before_reuse(self, block_id: int) -> None:
+        """The block is about to be handed out and rewritten: return only once nothing reads it any more."""
 
 
 class BlockManager:
     """Hands out KV blocks to sequences. Not thread-safe: the engine thread owns it."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        offloader: BlockOffloader | None = None,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -38,6 +60,12 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
         self._events: list[KVEvent] = []
+        self.offloader = offloader
+        #: Monotonic counters: prompt blocks looked up in the prefix cache, found on the device, and
+        #: cached blocks evicted from the device to make room.
+        self.num_lookup_blocks = 0
+        self.num_hit_blocks = 0
+        self.num_evicted_blocks = 0
 
     # -- queries ---------------------------------------------------------------
 
@@ -57,6 +85,10 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def cached_block_id(self, block_hash: BlockHash) -> int | None:
+        """The block caching `block_hash`, or None (no side effects)."""
+        return self._cached.get(block_hash) if self.enable_prefix_caching else None
 
     def cached_block_ids(self, block_hashes: list[BlockHash]) -> list[int]:
         """Blocks holding the longest cached prefix of `block_hashes` (no side effects)."""
@@ -82,23 +114,33 @@ class BlockManager:
         Returns False, changing nothing, when too few blocks are free.
         """
         hits: list[int] = []
-        if not seq.block_ids and seq.num_computed_tokens == 0:
+        is_first = not seq.block_ids and seq.num_computed_tokens == 0
+        if is_first:
             max_hit_blocks = (seq.num_tokens - 1) // self.block_size
             hits = self.cached_block_ids(seq.hashes_up_to(max_hit_blocks))
             num_new_tokens = min(num_new_tokens, seq.num_tokens - len(hits) * self.block_size)
         num_computed = seq.num_computed_tokens + len(hits) * self.block_size
-        num_needed = self.num_blocks_for(num_computed + num_new_tokens) - len(seq.block_ids) - len(hits)
-        num_hits_free = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        if num_needed > self.num_free_blocks - num_hits_free:
+        if not self._take_blocks(seq, hits, num_computed + num_new_tokens):
             return False
-        for block_id in hits:
-            self._take(block_id)
-        seq.block_ids.extend(hits)
+        if is_first:
+            self._count_lookup(seq, len(hits))
         if hits:
             seq.num_computed_tokens = seq.num_cached_tokens = num_computed
-            seq.num_committed_blocks = len(hits)
-        for _ in range(max(num_needed, 0)):
-            seq.block_ids.append(self._take_oldest_free())
+        return True
+
+    def allocate_prefix(self, seq: Sequence, hit_block_ids: list[int], num_tokens: int) -> bool:
+        """Give a sequence without blocks the cached `hit_block_ids` as its leading blocks, and new
+        blocks up to `num_tokens` tokens.
+
+        For onboarding: the caller fills the new blocks that follow the hits
+        from a lower tier, then advances `num_computed_tokens` and commits.
+        Returns False, changing nothing, when too few blocks are free.
+        """
+        if seq.block_ids:
+            raise RuntimeError(f"allocate_prefix on {seq.request_id}, which already holds blocks {seq.block_ids}")
+        if not self._take_blocks(seq, hit_block_ids, num_tokens):
+            return False
+        self._count_lookup(seq, len(hit_block_ids))
         return True
 
     def commit(self, seq: Sequence) -> None:
@@ -112,6 +154,7 @@ class BlockManager:
             block = self.blocks[seq.block_ids[idx]]
             if block.block_hash is None and hashes[idx] not in self._cached:
                 block.block_hash = hashes[idx]
+                block.parent_hash = hashes[idx - 1] if idx else None
                 self._cached[hashes[idx]] = block.block_id
                 run.append(idx)
             else:  # already cached (here or in another block): the run breaks
@@ -131,11 +174,16 @@ class BlockManager:
                 self._free[block_id] = None
                 if block.block_hash is None:
                     self._free.move_to_end(block_id, last=False)
+                elif self.offloader is not None:
+                    self.offloader.block_freed(block_id, block.block_hash, block.parent_hash)
         seq.block_ids = []
         seq.num_committed_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached block (emits AllCleared). Refused (False) while any block is held."""
+        """Forget every cached block (emits AllCleared). Refused (False) while any block is held.
+
+        Clears the device pool only: with lower tiers, reset through the engine.
+        """
         if self.num_free_blocks != self.num_blocks:
             return False
         for block in self.blocks:
@@ -161,14 +209,36 @@ class BlockManager:
 
     # -- internals ---------------------------------------------------------------
 
+    def _count_lookup(self, seq: Sequence, num_hits: int) -> None:
+        self.num_lookup_blocks += (seq.num_tokens - 1) // self.block_size
+        self.num_hit_blocks += num_hits
+
+    def _take_blocks(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
+        """Append the cached `hits` and new blocks up to `num_tokens` to `seq`'s blocks, or change nothing."""
+        num_needed = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(hits)
+        num_hits_free = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
+        if num_needed > self.num_free_blocks - num_hits_free:
+            return False
+        for block_id in hits:
+            self._take(block_id)
+        seq.block_ids.extend(hits)
+        if hits:
+            seq.num_committed_blocks = len(seq.block_ids)
+        for _ in range(max(num_needed, 0)):
+            seq.block_ids.append(self._take_oldest_free())
+        return True
+
     def _take_oldest_free(self) -> int:
         """Take the first block of the free queue, evicting its cached prefix if it has one."""
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        if self.offloader is not None:
+            self.offloader.before_reuse(block_id)
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             self._events.append(BlockRemoved((block.block_hash,)))
-            block.block_hash = None
+            self.num_evicted_blocks += 1
+            block.block_hash = block.parent_hash = None
         block.ref_count = 1
         return block_id
 

@@ -115,6 +115,21 @@ class EngineConfig:
     kv_hold_timeout_s: float = 30.0
     #: Decode side: how long a KV pull may take before the prompt is recomputed locally.
     kv_pull_timeout_s: float = 30.0
+    #: Host-memory tier, in blocks: cached blocks evicted from the pool are kept there (pinned
+    #: memory on CUDA) and copied back on a prefix hit. None sizes it from `kv_host_bytes`; 0 turns it off.
+    kv_host_blocks: int | None = None
+    #: Host-tier memory when `kv_host_blocks` is None (committed as blocks arrive).
+    kv_host_bytes: int = 2**30
+    #: Disk tier: a folder of this worker's own for blocks evicted from host memory. Empty: no disk tier.
+    kv_disk_path: str = ""
+    #: Disk tier, in blocks. None sizes it from `kv_disk_bytes`; 0 turns it off.
+    kv_disk_blocks: int | None = None
+    #: Disk space when `kv_disk_blocks` is None.
+    kv_disk_bytes: int = 16 * 2**30
+    #: Disk admission: a block leaving host memory is written to disk only if used at least this often.
+    kv_disk_min_uses: int = 2
+    #: How the tiers move bytes: "torch" (memmove / CUDA copies and file I/O) or "nixl" (NIXL's UCX and POSIX backends).
+    kv_tier_transport: str = "torch"
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -141,3 +156,16 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("kv_host_blocks", "kv_disk_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns the tier off), got {value}")
+        if self.kv_disk_min_uses < 1:
+            raise ValueError(f"kv_disk_min_uses must be >= 1, got {self.kv_disk_min_uses}")
+        if self.kv_tier_transport not in ("torch", "nixl"):
+            raise ValueError(f"kv_tier_transport must be torch or nixl, got {self.kv_tier_transport!r}")
+        if self.kv_disk_path and self.kv_disk_blocks != 0 and self.kv_host_blocks == 0:
+            raise ValueError(
+                "the disk tier needs the host tier (blocks reach disk through host memory): "
+                "set kv_host_blocks > 0, or leave kv_disk_path empty"
+            )

@@ -9,7 +9,9 @@ prompt (its own prefix-cache hits count), pulls only the blocks it misses,
 and joins the batch as a decode once they arrived. If the pull cannot start,
 fails or times out, it falls back to computing the prompt locally: the
 request completes with the same tokens. Blocks a pull may still write into
-are freed only once the transfer has ended.
+are freed only once the transfer has ended. With lower KV tiers, the
+prompt blocks this worker has in host memory or on disk are brought back
+first (`Onboarding`), and only the blocks still missing are pulled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from triton_disagg.engine.block_manager import BlockManager
 from triton_disagg.engine.kv_connector import KVConnector, RemoteKV, TransferState
+from triton_disagg.engine.onboarding import OnboardStart, Onboarding
 from triton_disagg.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -62,15 +65,19 @@ class KVHandoff:
     connector: KVConnector | None
     hold_timeout_s: float = 30.0
     pull_timeout_s: float = 30.0
+    #: Brings back prompt blocks from this worker's lower tiers before a pull (None: no tiers).
+    onboarding: Onboarding | None = None
     stats: HandoffStats = field(default_factory=HandoffStats)
     _holds: dict[str, _Hold] = field(default_factory=dict)
     _queued: deque[_Pull] = field(default_factory=deque)  # waiting for blocks
+    _onboarding: dict[str, _Pull] = field(default_factory=dict)  # local lower-tier blocks coming back first
+    _onboarded: list[_Pull] = field(default_factory=list)  # ... which came back: start their pulls
     _pulls: dict[str, _Pull] = field(default_factory=dict)  # transfers in flight
 
     @property
     def needs_polling(self) -> bool:
         """Whether `advance` has work even when no request is running."""
-        return bool(self._holds or self._queued or self._pulls)
+        return bool(self._holds or self._queued or self._pulls or self._onboarded)
 
     @property
     def num_held_blocks(self) -> int:
@@ -104,7 +111,17 @@ class KVHandoff:
         self._queued.append(_Pull(seq, remote))
 
     def owns(self, request_id: str) -> bool:
-        return request_id in self._holds or request_id in self._pulls
+        return request_id in self._holds or request_id in self._pulls or request_id in self._onboarding
+
+    def resume_onboarded(self, seq: Sequence) -> bool:
+        """Take back a pulling `seq` whose local lower-tier blocks are in; False if it is not one of ours."""
+        pull = self._onboarding.get(seq.request_id)
+        if pull is None or pull.seq is not seq:
+            return False
+        del self._onboarding[seq.request_id]
+        seq.status = SequenceStatus.PULLING_KV
+        self._onboarded.append(pull)
+        return True
 
     def abort_hold(self, hold_id: str) -> bool:
         """Free a hold at once (its request was cancelled after the first token)."""
@@ -118,6 +135,18 @@ class KVHandoff:
                 self.block_manager.free(seq)
                 self._finish(pull, None)
                 return True
+        for pull in self._onboarded:
+            if pull.seq is seq:
+                self._onboarded.remove(pull)
+                self.block_manager.free(seq)
+                self._finish(pull, None)
+                return True
+        pull = self._onboarding.get(seq.request_id)
+        if pull is not None and pull.seq is seq:
+            del self._onboarding[seq.request_id]
+            self.onboarding.abort(seq)  # its blocks are freed when the copy ends
+            self._finish(pull, None)
+            return True
         if (pull := self._pulls.get(seq.request_id)) is not None:
             pull.aborted = True
             return True
@@ -138,17 +167,31 @@ class KVHandoff:
             self._free_hold(hold_id)
             self.stats.holds_expired += 1
         ready = self._poll_pulls(now)
+        onboarded, self._onboarded = self._onboarded, []
+        for pull in onboarded:
+            self._start_or_ready(pull, now, ready)
         while self._queued:
             pull = self._queued[0]
             seq = pull.seq
+            if self.onboarding is not None:
+                started = self.onboarding.try_start(seq)
+                if started is OnboardStart.STARTED:
+                    self._queued.popleft()
+                    self._onboarding[seq.request_id] = pull
+                    continue
+                if started is OnboardStart.NO_BLOCKS:
+                    break
             if not self.block_manager.allocate_slots(seq, seq.num_tokens):
                 break  # wait for blocks, in arrival order
             self._queued.popleft()
-            if self._start(pull, now):
-                self._pulls[seq.request_id] = pull
-            else:
-                ready.append(seq)
+            self._start_or_ready(pull, now, ready)
         return ready
+
+    def _start_or_ready(self, pull: _Pull, now: float, ready: list[Sequence]) -> None:
+        if self._start(pull, now):
+            self._pulls[pull.seq.request_id] = pull
+        else:
+            ready.append(pull.seq)
 
     def _start(self, pull: _Pull, now: float) -> bool:
         """Start the pull of the blocks `seq` misses; False when it needs no transfer (or cannot have one)."""

@@ -15,6 +15,7 @@ from triton_disagg.engine.kv_connector import KVConnector, RemoteKV
 from triton_disagg.engine.kv_handoff import KVHandoff
 from triton_disagg.engine.loader import load_model
 from triton_disagg.engine.model_runner import ModelRunner, kv_bytes_per_block
+from triton_disagg.engine.onboarding import Onboarding
 from triton_disagg.engine.params import (
     FinishReason,
     InvalidRequest,
@@ -24,7 +25,10 @@ from triton_disagg.engine.params import (
 from triton_disagg.engine.sampler import sample
 from triton_disagg.engine.scheduler import Scheduler
 from triton_disagg.engine.sequence import Sequence, SequenceStatus
+from triton_disagg.engine.tiers.block_file import PAYLOAD_OFFSET, BlockFileLayout, model_fingerprint
+from triton_disagg.engine.tiers.cache import TieredKVCache
 from triton_disagg.kv_transfer.handle import InvalidKVHandle
+from triton_disagg.router.events import KVEvent
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,14 +67,24 @@ class LLMEngine:
         )
         self.model = load_model(config.model_path, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.device, self.dtype)
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        #: Host-memory and disk tiers under the pool; None when both are off.
+        self.tiers = self._make_tiers(config)
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, config.enable_prefix_caching, offloader=self.tiers
+        )
+        self.onboarding = Onboarding(self.block_manager, self.tiers) if self.tiers is not None else None
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.onboarding
+        )
         connector: KVConnector | None = kv_connector_factory(self.runner.kv_pool) if kv_connector_factory else None
         self.kv_connector = connector
-        self.handoff = KVHandoff(self.block_manager, connector, config.kv_hold_timeout_s, config.kv_pull_timeout_s)
+        self.handoff = KVHandoff(
+            self.block_manager, connector, config.kv_hold_timeout_s, config.kv_pull_timeout_s, self.onboarding
+        )
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._rng = random.Random(config.seed)
+        self._is_stalled = False  # the last step could do nothing: wait for a copy, a request or an abort
 
     # -- requests ----------------------------------------------------------------
 
@@ -131,6 +145,7 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params, self.block_size, extra_keys, generator)
         seq.hold_kv = hold_kv
         self._seqs[request_id] = seq
+        self._is_stalled = False
         if remote_kv is None:
             self.scheduler.add(seq)
         else:
@@ -138,14 +153,19 @@ class LLMEngine:
 
     def release_kv(self, hold_id: str) -> bool:
         """Free the blocks held for `hold_id` (the decode worker has pulled them)."""
+        self._is_stalled = False
         return self.handoff.release(hold_id)
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request and free its blocks; its ABORT output comes with the next `step()`."""
+        """Stop a request and free its blocks; its ABORT output comes with the next `step()`.
+
+        Blocks a copy or transfer may still write are freed once it ended.
+        """
+        self._is_stalled = False
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return self.handoff.abort_hold(request_id)
-        if not self.handoff.abort(seq):
+        if not self.handoff.abort(seq) and not (self.onboarding is not None and self.onboarding.abort(seq)):
             self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self._aborted.append(self._output(seq, [], FinishReason.ABORT))
@@ -155,17 +175,42 @@ class LLMEngine:
         return bool(self._seqs) or bool(self._aborted)
 
     def needs_polling(self) -> bool:
-        """Whether `step()` has work even with no request running (KV holds and pulls)."""
+        """Whether `step()` must be called again soon with nothing else to wake it (KV holds and pulls)."""
         return self.handoff.needs_polling
+
+    def has_work(self) -> bool:
+        """Whether `step()` can make progress now.
+
+        False while the only requests wait on tier copies (the copier wakes the
+        caller, see `set_copy_done_callback`) or on blocks; `needs_polling`
+        says when KV transfers must be polled meanwhile.
+        """
+        if self._aborted or (self.tiers is not None and self.tiers.has_completions):
+            return True
+        return bool(self._seqs) and not self._is_stalled
+
+    def set_copy_done_callback(self, callback) -> None:
+        """Call `callback()` (on the copier thread) whenever a tier copy finishes."""
+        if self.tiers is not None:
+            self.tiers.copier.on_done = callback
 
     # -- stepping ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the tokens it produced and the requests that ended."""
         outputs, self._aborted = self._aborted, []
+        num_readied = 0
+        if self.onboarding is not None:
+            self.tiers.flush()  # blocks freed since the last step (aborts, releases) before they are reused
+            for seq in self.onboarding.advance():
+                num_readied += 1
+                if not self.handoff.resume_onboarded(seq):
+                    self.scheduler.add_ready(seq)
         for seq in self.handoff.advance():
+            num_readied += 1
             self.scheduler.add_ready(seq)
         batch = self.scheduler.schedule()
+        self._is_stalled = batch.is_empty and not num_readied
         if batch.is_empty:
             return outputs
         sampling = [entry for entry in batch.entries if entry.samples]
@@ -189,6 +234,8 @@ class LLMEngine:
                 else:
                     self.scheduler.remove(seq)
             outputs.append(output)
+        if self.tiers is not None:
+            self.tiers.flush()  # the step's freed blocks go to host memory as one batch, off this thread
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -202,6 +249,39 @@ class LLMEngine:
             for output in self.step():
                 results[output.request_id].extend(output.new_token_ids)
         return [results[request_id] for request_id in ids]
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """KV events of every tier since the last call (each medium's events in order)."""
+        events = self.block_manager.drain_events()
+        if self.tiers is not None:
+            events.extend(self.tiers.drain_events())
+        return events
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block in every tier (one AllCleared event). Refused (False) while a block is held."""
+        if self.tiers is not None:
+            self.tiers.wait_idle()
+        if not self.block_manager.reset_prefix_cache():
+            return False
+        if self.tiers is not None:
+            self.tiers.clear()
+        return True
+
+    def check_integrity(self, expect_idle: bool = False) -> None:
+        """Raise if block or tier accounting is off. With `expect_idle` (no request in flight), every
+        device block must be free and, once the tiers' copies are waited for, nothing may be in flight."""
+        self.block_manager.check_integrity()
+        if expect_idle and self.block_manager.num_free_blocks != self.num_blocks:
+            raise RuntimeError(f"{self.num_blocks - self.block_manager.num_free_blocks} blocks still held with no request")
+        if self.tiers is not None:
+            if expect_idle:
+                self.tiers.wait_idle()
+            self.tiers.check_integrity(expect_idle)
+
+    def close(self) -> None:
+        """Stop the tiers' copier (finishing queued copies) and release the disk folder. Idempotent."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -245,6 +325,34 @@ class LLMEngine:
             finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            num_host_hit_tokens=seq.num_host_hit_tokens,
+            num_disk_hit_tokens=seq.num_disk_hit_tokens,
+        )
+
+    def _make_tiers(self, config: EngineConfig) -> TieredKVCache | None:
+        """The host (and disk) tiers the configuration asks for, or None. Raises ValueError for a bad setting."""
+        if not config.enable_prefix_caching:
+            return None
+        block_bytes = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        host_blocks = config.kv_host_blocks if config.kv_host_blocks is not None else config.kv_host_bytes // block_bytes
+        if host_blocks == 0:
+            return None
+        disk_folder, disk_blocks = None, 0
+        if config.kv_disk_path:
+            disk_folder = Path(config.kv_disk_path).expanduser()
+            disk_blocks = (
+                config.kv_disk_blocks
+                if config.kv_disk_blocks is not None
+                else config.kv_disk_bytes // (block_bytes + PAYLOAD_OFFSET)
+            )
+        layout = BlockFileLayout.of_pool(self.runner.kv_pool, model_fingerprint(config.model_path))
+        mover = None
+        if config.kv_tier_transport == "nixl":
+            from triton_disagg.engine.tiers.nixl_mover import NixlMover
+
+            mover = NixlMover(self.runner.kv_pool)
+        return TieredKVCache(
+            self.runner.kv_pool, host_blocks, layout, disk_folder, disk_blocks, config.kv_disk_min_uses, mover
         )
 
     def _read_eos_token_ids(self, model_path: Path) -> tuple[int, ...]:

@@ -64,7 +64,11 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    #: Prompt tokens found in the prefix cache, of which `num_host_hit_tokens` were brought
+    #: back from host memory and `num_disk_hit_tokens` from disk (the rest were on the device).
     num_cached_tokens: int = 0
+    num_host_hit_tokens: int = 0
+    num_disk_hit_tokens: int = 0
     #: For a request whose KV is held for a decode worker: the blocks holding it and
     #: the hashes of its full blocks (set on the final output only).
     held_block_ids: tuple[int, ...] = ()

@@ -6,6 +6,10 @@ a long prompt taking only the budget that is left (chunked prefill) and
 finishing in later steps. When blocks run out, the most recently admitted
 sequence is preempted: its blocks are freed and it is recomputed later
 (its full blocks usually come back from the prefix cache).
+
+With lower KV tiers, a prompt at the head of the queue whose cached blocks
+sit in host memory or on disk leaves the queue while they are copied back
+(`Onboarding`), and returns to its head once they are in.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from triton_disagg.engine.block_manager import BlockManager
+from triton_disagg.engine.onboarding import OnboardStart, Onboarding
 from triton_disagg.engine.sequence import Sequence, SequenceStatus
 
 
@@ -45,10 +50,17 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        onboarding: Onboarding | None = None,
+    ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.onboarding = onboarding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -104,6 +116,13 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.onboarding is not None:
+                started = self.onboarding.try_start(seq)
+                if started is OnboardStart.STARTED:
+                    self.waiting.popleft()
+                    continue
+                if started is OnboardStart.NO_BLOCKS:
+                    break
             if not self.block_manager.allocate_slots(seq, min(seq.num_uncomputed_tokens, budget)):
                 break  # first come, first served: no overtaking a prompt that does not fit
             self.waiting.popleft()

@@ -15,6 +15,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PULLING_KV = "pulling_kv"  # blocks allocated, prompt KV arriving from a prefill worker
+    ONBOARDING = "onboarding"  # blocks allocated, cached prompt KV coming back from host memory or disk
     FINISHED = "finished"
 
 
@@ -46,7 +47,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.block_ids: list[int] = []
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (any tier)
+        self.num_host_hit_tokens = 0  # ... of them brought back from host memory
+        self.num_disk_hit_tokens = 0  # ... of them brought back from disk
         self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
         self.block_hashes: list[BlockHash] = []
         self.hold_kv = False  # keep the blocks after finishing, for a decode worker to pull

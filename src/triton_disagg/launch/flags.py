@@ -93,6 +93,28 @@ def add_serve_flags(flag: EnvFlags) -> None:
     flag("--kv-hold-timeout-s", type=float, default=30.0, help="how long a prefill worker holds KV for a pull")
     flag("--kv-pull-timeout-s", type=float, default=30.0, help="how long a decode worker waits for a KV pull")
     flag(
+        "--kv-host-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="host-memory KV tier per worker, in blocks: evicted blocks are kept there and copied back "
+        "on a prefix hit (default: 1 GiB worth; 0 turns it off)",
+    )
+    flag(
+        "--kv-disk-path",
+        metavar="DIR",
+        default=None,
+        help="disk KV tier: each worker keeps blocks evicted from host memory in its own folder under DIR "
+        "(default: no disk tier)",
+    )
+    flag(
+        "--kv-disk-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="disk KV tier per worker, in blocks (default: 16 GiB worth; 0 turns it off)",
+    )
+    flag(
         "--run-dir",
         metavar="DIR",
         default=str(DEFAULT_RUN_DIR),
@@ -135,6 +157,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         prefill_busy_tokens=args.prefill_busy_tokens,
         kv_hold_timeout_s=args.kv_hold_timeout_s,
         kv_pull_timeout_s=args.kv_pull_timeout_s,
+        kv_host_blocks=args.kv_host_blocks,
+        kv_disk_path=Path(args.kv_disk_path) if args.kv_disk_path else None,
+        kv_disk_blocks=args.kv_disk_blocks,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
         model_control_key=args.model_control_key,
     )

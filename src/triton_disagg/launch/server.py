@@ -80,6 +80,12 @@ class ServerConfig:
     kv_hold_timeout_s: float = 30.0
     #: How long a decode worker waits for a KV pull before prefilling locally.
     kv_pull_timeout_s: float = 30.0
+    #: Host-memory KV tier of each worker, in blocks; None sizes it from the engine's 1 GiB default; 0 turns it off.
+    kv_host_blocks: int | None = None
+    #: Disk KV tier: each worker keeps its blocks in a folder of its own under this one; None: no disk tier.
+    kv_disk_path: Path | None = None
+    #: Disk KV tier of each worker, in blocks; None sizes it from the engine's 16 GiB default; 0 turns it off.
+    kv_disk_blocks: int | None = None
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
     #: Key of the model-repository API (index, load, unload) over HTTP and gRPC; None leaves it open.
@@ -112,6 +118,11 @@ class ServerConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        for name in ("kv_host_blocks", "kv_disk_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns the tier off), got {getattr(self, name)}")
+        if self.kv_disk_path is not None and self.kv_disk_blocks != 0 and self.kv_host_blocks == 0:
+            raise ValueError("the disk tier needs the host tier (blocks reach disk through host memory): drop --kv-host-blocks 0")
         if self.model_control_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.model_control_key):
             raise ValueError("model_control_key must be non-empty printable ASCII without spaces (it is sent as a header)")
 
@@ -231,6 +242,9 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
         "num_blocks": "" if config.num_blocks is None else str(config.num_blocks),
         "max_num_batched_tokens": str(config.max_num_batched_tokens),
         "max_model_len": "" if config.max_model_len is None else str(config.max_model_len),
+        "kv_host_blocks": "" if config.kv_host_blocks is None else str(config.kv_host_blocks),
+        "kv_disk_path": "" if config.kv_disk_path is None else str(Path(config.kv_disk_path).expanduser().resolve()),
+        "kv_disk_blocks": "" if config.kv_disk_blocks is None else str(config.kv_disk_blocks),
     }
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)

@@ -171,10 +171,17 @@ class DecodeService(EngineService):
         )
 
     def _local_hit_tokens(self, prompt_token_ids: list[int]) -> int:
-        # Reads the engine thread's cache map without a lock: a heuristic may see a slightly stale
-        # answer, and the engine re-checks when it allocates.
+        """Leading prompt tokens this worker holds in any tier (device, then host memory and disk).
+
+        Reads the engine thread's maps without a lock: a heuristic may see a
+        slightly stale answer, and the engine re-checks when it allocates.
+        """
         hashes = hash_request_tokens(prompt_token_ids, self.engine.block_size)
-        return len(self.engine.block_manager.cached_block_ids(hashes)) * self.engine.block_size
+        num_hits = len(self.engine.block_manager.cached_block_ids(hashes))
+        tiers = self.engine.tiers
+        while tiers is not None and num_hits < len(hashes) and tiers.find(hashes[num_hits]) is not None:
+            num_hits += 1
+        return num_hits * self.engine.block_size
 
     def _ensure_peer(self, agent_name: str) -> None:
         connector = self.engine.kv_connector

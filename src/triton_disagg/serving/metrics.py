@@ -14,6 +14,7 @@ from dataclasses import asdict
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.llm_engine import LLMEngine
+from triton_disagg.serving.tier_metrics import TierMetrics
 
 _GAUGES = {
     "triton_disagg_kv_blocks": "KV blocks in the worker's pool",
@@ -72,6 +73,7 @@ class WorkerMetrics:
         self._last_gauges: dict[str, float] = {}
         self._lock = threading.Lock()
         self._gauges["triton_disagg_kv_blocks"].set(engine.num_blocks)
+        self._tiers = TierMetrics(model_name, engine)
         self.refresh()
 
     def refresh(self) -> None:
@@ -95,6 +97,7 @@ class WorkerMetrics:
                 if field in self._handoff and value != self._reported.get(field, 0):
                     self._handoff[field].increment(value - self._reported.get(field, 0))
                     self._reported[field] = value
+            self._tiers.refresh()
 
     def count_request(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         """Count a finished request and how much of its prompt the prefix cache served."""

@@ -70,6 +70,15 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
         value = _optional_float(parameters, name)
         if value is not None:
             setattr(config, name, value)
+    for name in ("kv_host_blocks", "kv_host_bytes", "kv_disk_blocks", "kv_disk_bytes"):
+        value = _optional_int(parameters, name, minimum=0)
+        if value is not None:
+            setattr(config, name, value)
+    min_uses = _optional_int(parameters, "kv_disk_min_uses")
+    if min_uses is not None:
+        config.kv_disk_min_uses = min_uses
+    config.kv_disk_path = parameters.get("kv_disk_path", "").strip()
+    config.kv_tier_transport = parameters.get("kv_tier_transport", "").strip() or config.kv_tier_transport
     config.validate()
     return config
 
@@ -97,7 +106,7 @@ def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
     return value
 
 
-def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
+def _optional_int(parameters: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
     raw = parameters.get(name, "").strip()
     if not raw:
         return None
@@ -105,6 +114,6 @@ def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise ValueError(f"parameter {name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"parameter {name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"parameter {name} must be >= {minimum}, got {value}")
     return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -33,8 +34,13 @@ class EngineService:
     """
 
     def __init__(self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True) -> None:
-        """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none."""
+        """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none.
+
+        A disk tier (`config.kv_disk_path`) gets a folder per worker under it, named for the model.
+        """
         self.model_name = model_name
+        if config.kv_disk_path:
+            config.kv_disk_path = str(Path(config.kv_disk_path) / model_name)
         self.agent_name = f"{model_name}-{uuid.uuid4().hex[:8]}"
         factory = None
         if use_nixl:
@@ -74,7 +80,7 @@ class EngineService:
 
     def _after_step(self) -> None:
         """On the engine thread: publish the step's KV events and metrics."""
-        events = self.engine.block_manager.drain_events()
+        events = self.engine.drain_kv_events()
         if self.publisher is not None:
             self.publisher.publish(events)
         self.metrics.refresh()
@@ -94,6 +100,7 @@ class EngineService:
         this incarnation only, and a handle naming it fails its hold check.
         """
         self._engine_thread.stop()
+        self.engine.close()
         if self.publisher is not None:
             self.publisher.close()
 
