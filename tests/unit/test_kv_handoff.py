@@ -208,3 +208,25 @@ def test_merge_runs_pairs_consecutive_blocks():
     assert merge_runs([4, 5, 6, 9, 10], [0, 1, 2, 3, 4]) == [(4, 0, 3), (9, 3, 2)]
     assert merge_runs([1, 2], [7, 3]) == [(1, 7, 1), (2, 3, 1)]
     assert merge_runs([], []) == []
+
+
+def test_a_decode_worker_brings_back_its_own_host_blocks_and_pulls_only_the_rest(tiny_model):
+    prefill = make_engine(tiny_model, "prefill")
+    decode = make_engine(tiny_model, "decode", num_blocks=16, kv_host_blocks=32)
+    decode.kv_connector.add_peer_threadsafe(prefill.kv_connector.layout, prefill.kv_connector.metadata)
+    shared, other = prompts([100, 200], seed=3)
+    prompt = shared + [5] * 10  # 110 tokens: 6 full blocks of `shared`, then a partial one
+    expected = make_engine(tiny_model, kv_host_blocks=0).generate([prompt], GREEDY)[0]
+    filler = SamplingParams(max_tokens=30, ignore_eos=True)
+    decode.generate([shared], filler)
+    decode.generate([other], filler)  # 15 of the 16 blocks: all of `shared`'s but its head go to host memory
+    decode.tiers.wait_idle()
+    remote = prefill_remotely(prefill, "r", prompt)
+    assert decode_remotely(decode, "r", prompt, remote, 24, prefill) == expected
+    stats = decode.handoff.stats
+    assert (stats.blocks_reused_locally, stats.blocks_pulled, stats.pulls_done) == (6, 1, 1)
+    assert decode.tiers.stats.onboarded_blocks["host"] == 5  # and its head block was still on the device
+    drain_holds(prefill)
+    for engine in (prefill, decode):
+        engine.check_integrity(expect_idle=True)
+        engine.close()

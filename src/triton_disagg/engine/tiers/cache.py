@@ -289,11 +289,17 @@ class TieredKVCache:
         return events
 
     def wait_idle(self, timeout_s: float | None = 30.0) -> None:
-        """Submit pending offloads, wait for every job, apply them. Raises TimeoutError."""
+        """Submit pending offloads, wait for every job, apply them (and the jobs applying them adds).
+
+        Raises TimeoutError.
+        """
         self.flush()
-        if not self.copier.wait_idle(timeout_s):
-            raise TimeoutError(f"KV tier copies still running after {timeout_s} s")
-        self._process_completed()
+        while True:
+            if not self.copier.wait_idle(timeout_s):
+                raise TimeoutError(f"KV tier copies still running after {timeout_s} s")
+            self._process_completed()
+            if not self.copier.num_unfinished:
+                return
 
     def clear(self) -> None:
         """Drop every block of both tiers (files deleted); the caller announces it (AllCleared)."""
