@@ -91,6 +91,45 @@ def test_rendered_parameters_parse_into_settings(tmp_path):
     assert decode_parameters["kv_events_dir"] == str(tmp_path.resolve() / "kv_events")
 
 
+def _serve_args(argv: list[str]):
+    import argparse
+
+    from triton_disagg.launch.flags import EnvFlags, add_serve_flags
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(EnvFlags(parser))
+    return parser.parse_args(argv)
+
+
+def test_tier_flags_reach_the_workers_engine_config(tmp_path, monkeypatch):
+    from triton_disagg.launch.flags import server_config
+
+    model = fake_checkpoint(tmp_path / "model")
+    monkeypatch.setenv("TRITON_DISAGG_KV_DISK_BLOCKS", "300")
+    args = _serve_args(["--model", str(model), "--kv-host-blocks", "128", "--kv-disk-path", str(tmp_path / "kv")])
+    config = server_config(args)
+    assert (config.kv_host_blocks, config.kv_disk_path, config.kv_disk_blocks) == (128, tmp_path / "kv", 300)
+    repository = render_model_repository(config, tmp_path / "repo")
+    for template in ("prefill", "decode"):
+        engine = engine_config(_parameters_of(repository / template / "config.pbtxt"))
+        assert (engine.kv_host_blocks, engine.kv_disk_path, engine.kv_disk_blocks) == (128, str(tmp_path / "kv"), 300)
+    defaults = engine_config(_parameters_of(render_model_repository(ServerConfig(model_path=model), tmp_path / "r2") / "decode" / "config.pbtxt"))
+    assert (defaults.kv_host_blocks, defaults.kv_disk_path, defaults.kv_disk_blocks) == (None, "", None)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"kv_host_blocks": -1}, "kv_host_blocks must be >= 0"),
+        ({"kv_disk_blocks": -5}, "kv_disk_blocks must be >= 0"),
+        ({"kv_host_blocks": 0, "kv_disk_path": Path("/tmp/kv")}, "the disk tier needs the host tier"),
+    ],
+)
+def test_bad_tier_settings_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(model_path=fake_checkpoint(tmp_path / "model"), **overrides).validate()
+
+
 def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):
     repository = render_model_repository(ServerConfig(model_path=fake_checkpoint(tmp_path / "m")), tmp_path / "repo")
     config = json.loads(worker_config(repository / "decode", "decode_3", Placement(gpu=2), {"num_blocks": "7"}))
