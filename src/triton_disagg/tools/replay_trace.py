@@ -1,7 +1,8 @@
 """Replay a Mooncake trace against a simulated fleet and compare routing modes.
 
     python -m triton_disagg.tools.replay_trace [--trace ../shared/traces/synthetic_trace.jsonl] [--workers 8]
-                                 [--capacity-blocks 4096] [--modes kv,approx,round_robin,random]
+                                 [--capacity-blocks 4096] [--host-capacity-blocks 8192]
+                                 [--disk-capacity-blocks 32768] [--modes kv,approx,round_robin,random]
                                  [--out results/replay_trace]
 
 Each trace block (512 tokens, one hash id) becomes one KV block of the
@@ -18,6 +19,19 @@ prompt (if any) and decodes one token for every running request.
     prefill_s = prefill_base_s + prefill_s_per_token * uncached prompt tokens
     decode_s  = decode_base_s + decode_s_per_kv_token * tokens of the running requests
 
+With lower tiers (`--host-capacity-blocks`, `--disk-capacity-blocks`; 0
+turns one off) every mode also runs on the same fleet with tiered workers,
+reported as "<mode>+tiers": a block evicted from the device cache goes to
+the host tier (LRU), one evicted from there to the disk tier if it was used
+at least twice, as in the engine. A prompt's leading blocks are looked up
+device first, then host, then disk; lower-tier hits cost a copy instead of a
+prefill:
+
+    onboard_s = host_s_per_token * host-hit tokens + disk_s_per_token * disk-hit tokens
+
+and the router, fed the workers' events with their media, credits them with
+its `host_hit_weight` and `disk_hit_weight`.
+
 Times and token counts in the cost model are the trace's (512-token blocks).
 The default capacity, 4,096 blocks a worker, is 2M trace tokens: about
 112 GiB of KV for a 7B model with grouped-query attention (28 layers, 4 KV
@@ -25,8 +39,8 @@ heads of 128, BF16: 56 KiB a token), what one 141 GB GPU holds next to the
 weights, or an 80 GB GPU with a host-memory tier. Eight such workers hold
 75% of the synthetic trace's 43,924 distinct blocks, so they evict.
 
-Reported per mode: prefix hit ratio (prompt blocks found cached) and its
-ratio to the infinite-cache ceiling (every block seen before is a hit), load
+Reported per mode: prefix hit ratio (prompt blocks found cached, in any
+tier; the JSON splits it by tier) and its ratio to the infinite-cache ceiling (every block seen before is a hit), load
 balance (each worker's active tokens sampled every second and averaged over
 the run, max over mean; the JSON also has the mean of the per-sample
 max/mean, which at this trace's low load mostly counts single requests), and
@@ -49,13 +63,14 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from triton_disagg.router.config import RouterConfig, RoutingMode
-from triton_disagg.router.events import BlockRemoved, BlockStored, KVEvent, WorkerId
+from triton_disagg.router.events import BlockRemoved, BlockStored, KVEvent, Medium, WorkerId
 from triton_disagg.router.hashing import BlockHash, hash_block_tokens
 from triton_disagg.router.selection import KvRouter, RouteRequest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout: src/triton_disagg/tools/ is three levels down
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 #: Tokens a Mooncake trace hash id stands for.
 TRACE_BLOCK_TOKENS = 512
@@ -75,15 +90,22 @@ class TraceRequest:
 
 @dataclass(slots=True, frozen=True)
 class CostModel:
-    """Modelled step times of one worker, per trace token (an 8B model on one GPU, roughly)."""
+    """Modelled step times of one worker, per trace token (an 8B model on one GPU, roughly).
+
+    Onboarding: 56 KiB of KV a token (28 layers, 4 KV heads of 128, BF16) over
+    PCIe at about 25 GB/s from host memory, read at about 5 GB/s from an NVMe disk.
+    """
 
     prefill_base_s: float = 0.02
     prefill_s_per_token: float = 1 / 16_000
     decode_base_s: float = 0.012
     decode_s_per_kv_token: float = 2e-8
+    host_s_per_token: float = 1 / 400_000
+    disk_s_per_token: float = 1 / 80_000
 
-    def prefill_s(self, num_uncached_tokens: int) -> float:
-        return self.prefill_base_s + self.prefill_s_per_token * num_uncached_tokens
+    def prefill_s(self, num_uncached_tokens: int, num_host_tokens: int = 0, num_disk_tokens: int = 0) -> float:
+        onboard_s = self.host_s_per_token * num_host_tokens + self.disk_s_per_token * num_disk_tokens
+        return self.prefill_base_s + self.prefill_s_per_token * num_uncached_tokens + onboard_s
 
     def decode_s(self, num_kv_tokens: int) -> float:
         return self.decode_base_s + self.decode_s_per_kv_token * num_kv_tokens
@@ -91,8 +113,10 @@ class CostModel:
 
 @dataclass(slots=True)
 class ModeResult:
+    #: The routing mode, with "+tiers" when the workers have lower tiers.
     mode: str
     num_requests: int
+    #: Prompt blocks found cached in any tier, over all prompt blocks.
     hit_ratio: float
     ceiling_ratio: float
     #: max over mean of the workers' time-averaged active tokens.
@@ -104,6 +128,10 @@ class ModeResult:
     ttft_p90_s: float
     requests_per_worker: list[int] = field(default_factory=list)
     mean_active_tokens_per_worker: list[float] = field(default_factory=list)
+    #: The hit ratio split by where the blocks were found.
+    device_hit_ratio: float = 0.0
+    host_hit_ratio: float = 0.0
+    disk_hit_ratio: float = 0.0
     wall_s: float = 0.0
 
 
@@ -161,20 +189,41 @@ def infinite_cache_hit_ratio(requests: Sequence[TraceRequest]) -> float:
 # -- simulated workers -----------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Running:
-    request: TraceRequest
-    finish_step: int
+class TierHits(NamedTuple):
+    """A prompt's leading cached blocks, by the tier each was found in."""
+
+    device: int
+    host: int = 0
+    disk: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host + self.disk
 
 
 class SimWorker:
-    """A worker's prefix cache (LRU over block hashes), queue and running batch."""
+    """A worker's prefix cache (LRU over block hashes, optionally over host and disk tiers), queue and batch."""
 
-    def __init__(self, worker_id: WorkerId, capacity_blocks: int, index: int):
+    def __init__(
+        self,
+        worker_id: WorkerId,
+        capacity_blocks: int,
+        index: int,
+        host_capacity_blocks: int = 0,
+        disk_capacity_blocks: int = 0,
+        disk_min_uses: int = 2,
+    ):
         self.worker_id = worker_id
         self.index = index  # orders simultaneous steps
         self.capacity_blocks = capacity_blocks
         self.cache: OrderedDict[BlockHash, None] = OrderedDict()
+        self.host_capacity_blocks = host_capacity_blocks
+        self.disk_capacity_blocks = disk_capacity_blocks
+        self.disk_min_uses = disk_min_uses
+        self.host: OrderedDict[BlockHash, None] = OrderedDict()
+        self.disk: OrderedDict[BlockHash, None] = OrderedDict()
+        self.parents: dict[BlockHash, BlockHash | None] = {}
+        self.uses: dict[BlockHash, int] = {}
         self.waiting: deque[TraceRequest] = deque()
         self.running: list[tuple[int, int, TraceRequest]] = []  # heap of (finish step, tiebreak, request)
         self.num_steps = 0  # decode steps done
@@ -195,16 +244,23 @@ class SimWorker:
         """Tokens of every request routed here and not finished (waiting and prefilling prompts too)."""
         return self.num_waiting_tokens + self.num_running_tokens
 
-    def access(self, block_hashes: Sequence[BlockHash], block_size: int) -> int:
-        """Look up and then cache a prompt's blocks; returns leading hits and queues the KV events.
+    def access(self, block_hashes: Sequence[BlockHash], block_size: int) -> TierHits:
+        """Look up and then cache a prompt's blocks; returns its leading hits by tier and queues the KV events.
 
         Events are shaped as the engine's: a BlockStored per run of newly
-        cached blocks, a BlockRemoved per evicted block.
+        cached blocks, a BlockRemoved per evicted block, each with its medium.
+        Lower-tier hits are brought back to the device (and stay in their tier).
         """
-        cache = self.cache
-        hits = 0
-        while hits < len(block_hashes) and block_hashes[hits] in cache:
-            hits += 1
+        cache, host, disk = self.cache, self.host, self.disk
+        counts = [0, 0, 0]
+        for block_hash in block_hashes:
+            tier = 0 if block_hash in cache else 1 if block_hash in host else 2 if block_hash in disk else -1
+            if tier < 0:
+                break
+            counts[tier] += 1
+        for i, block_hash in enumerate(block_hashes):
+            self.uses[block_hash] = self.uses.get(block_hash, 0) + 1
+            self.parents.setdefault(block_hash, block_hashes[i - 1] if i else None)
         stored: list[list[BlockHash]] = []  # runs of newly cached blocks, in prefix order
         for i, block_hash in enumerate(block_hashes):
             if block_hash in cache:
@@ -226,7 +282,31 @@ class SimWorker:
             self.pending_events.append(BlockStored(tuple(run), parent, (), block_size))
         # One event per evicted block, as the engine's block manager emits them.
         self.pending_events.extend(BlockRemoved((block_hash,)) for block_hash in evicted)
-        return hits
+        for block_hash in evicted:
+            self._offload(block_hash, block_size)
+        return TierHits(*counts)
+
+    def _offload(self, block_hash: BlockHash, block_size: int) -> None:
+        """A block evicted from the device goes to the host tier; one evicted from there to disk, if used twice."""
+        if not self.host_capacity_blocks:
+            return
+        if block_hash in self.host:
+            self.host.move_to_end(block_hash)
+            return
+        self.host[block_hash] = None
+        self.pending_events.append(BlockStored((block_hash,), self.parents[block_hash], (), block_size, Medium.HOST))
+        while len(self.host) > self.host_capacity_blocks:
+            demoted = self.host.popitem(last=False)[0]
+            self.pending_events.append(BlockRemoved((demoted,), Medium.HOST))
+            if not self.disk_capacity_blocks or self.uses[demoted] < self.disk_min_uses:
+                continue
+            if demoted in self.disk:
+                self.disk.move_to_end(demoted)
+                continue
+            self.disk[demoted] = None
+            self.pending_events.append(BlockStored((demoted,), self.parents[demoted], (), block_size, Medium.DISK))
+            while len(self.disk) > self.disk_capacity_blocks:
+                self.pending_events.append(BlockRemoved((self.disk.popitem(last=False)[0],), Medium.DISK))
 
     def join_running(self, request: TraceRequest) -> None:
         """After prefill: the first token exists, the rest are decoded one per step."""
@@ -257,13 +337,21 @@ def simulate(
     cost: CostModel,
     ceiling: float,
     sample_interval_s: float = 1.0,
+    host_capacity_blocks: int = 0,
+    disk_capacity_blocks: int = 0,
 ) -> ModeResult:
-    """Run the fleet over `requests` with one routing mode; deterministic for a given seed."""
+    """Run the fleet over `requests` with one routing mode; deterministic for a given seed.
+
+    With `host_capacity_blocks` (and `disk_capacity_blocks`) the workers have lower tiers.
+    """
     started_s = time.perf_counter()
     block_size = router_config.block_size
     router = KvRouter(RouterConfig(**{**_config_dict(router_config), "mode": mode}))
     workers = {
-        WorkerId(f"worker_{i}"): SimWorker(WorkerId(f"worker_{i}"), capacity_blocks, i) for i in range(num_workers)
+        WorkerId(f"worker_{i}"): SimWorker(
+            WorkerId(f"worker_{i}"), capacity_blocks, i, host_capacity_blocks, disk_capacity_blocks
+        )
+        for i in range(num_workers)
     }
     router.sync_workers(workers)
     arrivals, steps, samples = 0, 1, 2  # event kinds, in tie order at equal times
@@ -272,6 +360,7 @@ def simulate(
     end_s = requests[-1].arrival_s if requests else 0.0
     heapq.heappush(heap, (0.0, samples, 0, None))
     num_hits = num_blocks = 0
+    tier_hits = [0, 0, 0]
     ttfts_s: list[float] = []
     active_sums = dict.fromkeys(workers, 0.0)
     instant_ratios: list[float] = []
@@ -285,9 +374,12 @@ def simulate(
         if worker.waiting:
             request = worker.waiting.popleft()
             hits = worker.access(request.block_hashes, block_size)
-            num_hits += hits
+            num_hits += hits.total
+            for tier, count in enumerate(hits):
+                tier_hits[tier] += count
             num_blocks += len(request.block_hashes)
-            duration_s += cost.prefill_s(max(request.num_input_tokens - hits * TRACE_BLOCK_TOKENS, 0))
+            num_uncached = max(request.num_input_tokens - hits.total * TRACE_BLOCK_TOKENS, 0)
+            duration_s += cost.prefill_s(num_uncached, hits.host * TRACE_BLOCK_TOKENS, hits.disk * TRACE_BLOCK_TOKENS)
             worker.prefilling = request
         if worker.running:
             duration_s += cost.decode_s(worker.num_running_tokens)
@@ -346,7 +438,7 @@ def simulate(
     ttfts_s.sort()
     hit_ratio = num_hits / num_blocks if num_blocks else 0.0
     return ModeResult(
-        mode=mode.value,
+        mode=mode.value + ("+tiers" if host_capacity_blocks else ""),
         num_requests=len(requests),
         hit_ratio=hit_ratio,
         ceiling_ratio=hit_ratio / ceiling if ceiling else 0.0,
@@ -357,6 +449,9 @@ def simulate(
         ttft_p90_s=_percentile(ttfts_s, 0.9),
         requests_per_worker=list(requests_per_worker.values()),
         mean_active_tokens_per_worker=[total / max(num_samples, 1) for total in active_sums.values()],
+        device_hit_ratio=tier_hits[0] / num_blocks if num_blocks else 0.0,
+        host_hit_ratio=tier_hits[1] / num_blocks if num_blocks else 0.0,
+        disk_hit_ratio=tier_hits[2] / num_blocks if num_blocks else 0.0,
         wall_s=time.perf_counter() - started_s,
     )
 
@@ -376,13 +471,14 @@ def _config_dict(config: RouterConfig) -> dict:
 
 def format_table(results: Sequence[ModeResult], ceiling: float) -> str:
     header = (
-        f"{'mode':<12} {'hit ratio':>9} {'of ceiling':>10} {'max/mean load':>13} "
+        f"{'mode':<18} {'hit ratio':>9} {'device':>7} {'host':>6} {'disk':>6} {'of ceiling':>10} {'max/mean load':>13} "
         f"{'TTFT mean':>9} {'p50':>7} {'p90':>7}  (seconds; ceiling {ceiling:.1%})"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.mode:<12} {r.hit_ratio:>9.1%} {r.ceiling_ratio:>10.1%} {r.load_max_over_mean:>13.3f} "
+            f"{r.mode:<18} {r.hit_ratio:>9.1%} {r.device_hit_ratio:>7.1%} {r.host_hit_ratio:>6.1%} "
+            f"{r.disk_hit_ratio:>6.1%} {r.ceiling_ratio:>10.1%} {r.load_max_over_mean:>13.3f} "
             f"{r.ttft_mean_s:>9.3f} {r.ttft_p50_s:>7.3f} {r.ttft_p90_s:>7.3f}"
         )
     return "\n".join(lines)
@@ -395,8 +491,14 @@ def plot(results: Sequence[ModeResult], ceiling: float, path: Path, title: str) 
     import matplotlib.pyplot as plt
 
     modes = [r.mode for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].bar(modes, [r.hit_ratio for r in results], color="tab:blue")
+    fig, axes = plt.subplots(1, 3, figsize=(max(14, 1.6 * len(modes) * 3), 4))
+    bottom = [0.0] * len(results)
+    for tier, color in (("device", "tab:blue"), ("host", "tab:cyan"), ("disk", "tab:gray")):
+        values = [getattr(r, f"{tier}_hit_ratio") for r in results]
+        axes[0].bar(modes, values, bottom=bottom, color=color, label=f"{tier} hits")
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes[0].tick_params(axis="x", labelrotation=30)
+    axes[1].tick_params(axis="x", labelrotation=30)
     axes[0].axhline(ceiling, color="black", linestyle="--", label=f"infinite cache {ceiling:.1%}")
     axes[0].axhline(0.9 * ceiling, color="gray", linestyle=":", label="90% of ceiling")
     axes[0].set_title("prefix hit ratio")
@@ -432,6 +534,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=int(_env("workers", 8)))
     parser.add_argument("--capacity-blocks", type=int, default=int(_env("capacity_blocks", 4096)),
                         help="prefix-cache capacity per worker, in blocks (one trace block each)")
+    parser.add_argument("--host-capacity-blocks", type=int, default=int(_env("host_capacity_blocks", 8192)),
+                        help="host tier per worker, in blocks; with tiers, every mode also runs on tiered workers (0: off)")
+    parser.add_argument("--disk-capacity-blocks", type=int, default=int(_env("disk_capacity_blocks", 32768)),
+                        help="disk tier per worker, in blocks (0: off)")
     parser.add_argument("--block-size", type=int, default=int(_env("block_size", defaults.block_size)))
     parser.add_argument("--modes", default=_env("modes", ",".join(m.value for m in ALL_MODES)))
     parser.add_argument("--limit", type=int, default=int(_env("limit", 0)) or None, help="first N requests only")
@@ -460,11 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cost = CostModel()
     results = []
+    tier_options = [(0, 0)] + ([(args.host_capacity_blocks, args.disk_capacity_blocks)] if args.host_capacity_blocks else [])
     for mode in modes:
-        _progress(f"{mode.value}: {len(requests)} requests on {args.workers} workers x {args.capacity_blocks} blocks")
-        result = simulate(requests, mode, args.workers, args.capacity_blocks, router_config, cost, ceiling)
-        _progress(f"{mode.value}: hit ratio {result.hit_ratio:.1%} ({result.wall_s:.1f} s)")
-        results.append(result)
+        for host_blocks, disk_blocks in tier_options:
+            _progress(f"{mode.value}: {len(requests)} requests on {args.workers} workers x {args.capacity_blocks} blocks"
+                      + (f" + {host_blocks} host, {disk_blocks} disk" if host_blocks else ""))
+            result = simulate(requests, mode, args.workers, args.capacity_blocks, router_config, cost, ceiling,
+                              host_capacity_blocks=host_blocks, disk_capacity_blocks=disk_blocks)
+            _progress(f"{result.mode}: hit ratio {result.hit_ratio:.1%} ({result.wall_s:.1f} s)")
+            results.append(result)
     print(format_table(results, ceiling))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -472,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_requests": len(requests),
         "workers": args.workers,
         "capacity_blocks_per_worker": args.capacity_blocks,
+        "host_capacity_blocks_per_worker": args.host_capacity_blocks,
+        "disk_capacity_blocks_per_worker": args.disk_capacity_blocks,
         "block_size": args.block_size,
         "speedup": args.speedup,
         "infinite_cache_hit_ratio": ceiling,

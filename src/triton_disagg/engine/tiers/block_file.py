@@ -1,8 +1,9 @@
 """The disk tier's file format: one file per KV block, a checked header, then the block's bytes.
 
     offset 0     magic b"TDKVBLK\\0", format version (u32), header length (u32), header CRC-32 (u32)
-    offset 20    header: JSON with the block's hash and parent hash, the pool layout
-                 (model fingerprint, dtype, block shape) and the payload's length and CRC-32
+    offset 20    header: block hash (u64), parent hash (u64), has-parent flag (u8), payload length
+                 (u64), payload CRC-32 (u32), then the pool layout as JSON (model fingerprint,
+                 dtype, block shape)
     offset 4096  payload: the block as it sits in the KV pool, (L, 2, block_size, KVH, D)
 
 A file is served only when every check passes: magic, version, header CRC,
@@ -10,7 +11,8 @@ the layout equal to the reader's, the hash equal to the one asked for, the
 payload complete and its CRC equal. Anything else raises `InvalidBlockFile`
 (a corrupt, truncated or foreign file); the caller drops it and recomputes.
 The payload starts on a 4 KiB boundary, so direct and GPU-direct I/O can
-read it in place.
+read it in place. A read is one `preadv` of header and payload together:
+on a cold disk a second I/O per block would double its cost.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ MAGIC = b"TDKVBLK\x00"
 FORMAT_VERSION = 1
 PAYLOAD_OFFSET = 4096
 _PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC-32
+_FIXED = struct.Struct("<QQBQI")  # block hash, parent hash, has parent, payload length, payload CRC-32
 SUFFIX = ".kvblock"
 
 
@@ -62,6 +65,11 @@ class BlockFileLayout:
 
     def as_dict(self) -> dict:
         return {"model": self.model_fingerprint, "dtype": self.dtype, "block_shape": list(self.block_shape)}
+
+    @property
+    def encoded(self) -> bytes:
+        """The layout as stored in a header; a file is foreign unless these bytes match exactly."""
+        return json.dumps(self.as_dict(), separators=(",", ":"), sort_keys=True).encode()
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,16 +104,10 @@ def file_name(block_hash: BlockHash) -> str:
 
 def encode_header(layout: BlockFileLayout, header: BlockFileHeader, payload: memoryview) -> bytes:
     """The first PAYLOAD_OFFSET bytes of a block file whose payload is `payload` (its CRC is computed here)."""
-    body = json.dumps(
-        {
-            "block_hash": header.block_hash,
-            "parent_hash": header.parent_hash,
-            "layout": layout.as_dict(),
-            "payload_bytes": payload.nbytes,
-            "payload_crc32": zlib.crc32(payload),
-        },
-        separators=(",", ":"),
-    ).encode()
+    parent = header.parent_hash
+    body = _FIXED.pack(
+        header.block_hash, parent or 0, parent is not None, payload.nbytes, zlib.crc32(payload)
+    ) + layout.encoded
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body), zlib.crc32(body))
     if len(prefix) + len(body) > PAYLOAD_OFFSET:
         raise ValueError(f"block file header of {len(body)} bytes does not fit before offset {PAYLOAD_OFFSET}")
@@ -122,14 +124,13 @@ def write_block_file(path: Path, layout: BlockFileLayout, header: BlockFileHeade
         os.close(fd)
 
 
-def read_header(fd: int, layout: BlockFileLayout) -> tuple[BlockFileHeader, int]:
-    """The header of an open block file and its payload's CRC-32, checked against `layout`.
+def parse_header(head: bytes, layout: BlockFileLayout, file_size: int) -> tuple[BlockFileHeader, int]:
+    """The header in a file's first PAYLOAD_OFFSET bytes and its payload's CRC-32, checked against `layout`.
 
     Raises InvalidBlockFile for a wrong magic or version, a header that fails
-    its CRC, another layout, or a file shorter than its payload.
+    its CRC, another layout, or a file of the wrong size (truncated).
     """
-    head = os.pread(fd, PAYLOAD_OFFSET, 0)
-    if len(head) < _PREFIX.size:
+    if len(head) < _PREFIX.size + _FIXED.size:
         raise InvalidBlockFile("truncated header")
     magic, version, length, crc = _PREFIX.unpack_from(head)
     if magic != MAGIC:
@@ -137,20 +138,19 @@ def read_header(fd: int, layout: BlockFileLayout) -> tuple[BlockFileHeader, int]
     if version != FORMAT_VERSION:
         raise InvalidBlockFile(f"format version {version}, expected {FORMAT_VERSION}")
     body = head[_PREFIX.size : _PREFIX.size + length]
-    if len(body) != length or zlib.crc32(body) != crc:
+    if len(body) != length or length < _FIXED.size or zlib.crc32(body) != crc:
         raise InvalidBlockFile("header fails its checksum")
-    try:
-        fields = json.loads(body)
-        block_hash, parent_hash = fields["block_hash"], fields["parent_hash"]
-        payload_bytes, payload_crc = fields["payload_bytes"], fields["payload_crc32"]
-        file_layout = fields["layout"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidBlockFile(f"unreadable header: {exc}") from None
-    if file_layout != layout.as_dict() or payload_bytes != layout.block_bytes:
-        raise InvalidBlockFile(f"written for another pool layout: {file_layout}")
-    if os.fstat(fd).st_size != PAYLOAD_OFFSET + payload_bytes:
-        raise InvalidBlockFile(f"truncated: {os.fstat(fd).st_size} bytes, expected {PAYLOAD_OFFSET + payload_bytes}")
-    return BlockFileHeader(BlockHash(block_hash), None if parent_hash is None else BlockHash(parent_hash)), payload_crc
+    block_hash, parent_hash, has_parent, payload_bytes, payload_crc = _FIXED.unpack_from(body)
+    if body[_FIXED.size :] != layout.encoded or payload_bytes != layout.block_bytes:
+        raise InvalidBlockFile(f"written for another pool layout: {bytes(body[_FIXED.size :])[:200]!r}")
+    if file_size != PAYLOAD_OFFSET + payload_bytes:
+        raise InvalidBlockFile(f"truncated: {file_size} bytes, expected {PAYLOAD_OFFSET + payload_bytes}")
+    return BlockFileHeader(BlockHash(block_hash), BlockHash(parent_hash) if has_parent else None), payload_crc
+
+
+def read_header(fd: int, layout: BlockFileLayout) -> tuple[BlockFileHeader, int]:
+    """`parse_header` of an open block file."""
+    return parse_header(os.pread(fd, PAYLOAD_OFFSET, 0), layout, os.fstat(fd).st_size)
 
 
 def read_block_file(path: Path, layout: BlockFileLayout, block_hash: BlockHash, out: memoryview) -> None:
@@ -158,14 +158,17 @@ def read_block_file(path: Path, layout: BlockFileLayout, block_hash: BlockHash, 
 
     Raises InvalidBlockFile (contents of `out` are then undefined) or OSError.
     """
+    head = bytearray(PAYLOAD_OFFSET)
     fd = os.open(path, os.O_RDONLY)
     try:
-        header, payload_crc = read_header(fd, layout)
-        if header.block_hash != block_hash:
-            raise InvalidBlockFile(f"holds block {header.block_hash:016x}, not {block_hash:016x}")
-        if os.preadv(fd, [out], PAYLOAD_OFFSET) != out.nbytes:
-            raise InvalidBlockFile("truncated payload")
+        num_read = os.preadv(fd, [head, out], 0)
+        file_size = os.fstat(fd).st_size
     finally:
         os.close(fd)
+    header, payload_crc = parse_header(head, layout, file_size)
+    if header.block_hash != block_hash:
+        raise InvalidBlockFile(f"holds block {header.block_hash:016x}, not {block_hash:016x}")
+    if num_read != PAYLOAD_OFFSET + out.nbytes:
+        raise InvalidBlockFile("truncated payload")
     if zlib.crc32(out) != payload_crc:
         raise InvalidBlockFile("payload fails its checksum")

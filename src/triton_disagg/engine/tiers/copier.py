@@ -12,7 +12,9 @@ meet a background job's bytes.
 
 The bytes move through a `BlockMover`: `TorchMover` by default (a plain
 `memmove` between host pools, CUDA copies on a side stream, positional
-file I/O), or `NixlMover` (kv_tier_transport="nixl").
+file I/O), or `NixlMover` (kv_tier_transport="nixl"). The file reads of an
+onboarding job run `READ_THREADS` at a time: a disk serves several reads in
+flight faster than one after another.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +44,9 @@ from triton_disagg.kv_transfer.layout import merge_runs
 from triton_disagg.router.hashing import BlockHash
 
 logger = logging.getLogger(__name__)
+
+#: Block file reads of one job in flight at once.
+READ_THREADS = 4
 
 
 # -- operations ----------------------------------------------------------------------
@@ -110,7 +116,10 @@ class CopyJob:
 
 
 class BlockMover(Protocol):
-    """Moves block bytes. Runs on the copy thread only; every call returns once its bytes are in place."""
+    """Moves block bytes on the copy thread; every call returns once its bytes are in place."""
+
+    #: How many `read_file` calls may run at once (on the copier's reader threads).
+    max_parallel_reads: int
 
     def copy_blocks(self, op: CopyBlocks, ready_event: object) -> None:
         """Copy the blocks; raises on a transport error."""
@@ -131,9 +140,11 @@ class TorchMover:
     """Host pools: `memmove` per run of consecutive blocks (no thread pool, GIL released).
     CUDA pools: `copy_` on a side stream, synchronised before returning. Files: `pwritev`/`preadv`."""
 
+    max_parallel_reads = READ_THREADS
+
     def __init__(self, device: torch.device):
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._staging: torch.Tensor | None = None  # pinned, for disk reads into a CUDA pool
+        self._local = threading.local()  # per reader thread: a pinned block for disk reads into a CUDA pool
 
     def copy_blocks(self, op: CopyBlocks, ready_event: object) -> None:
         runs = merge_runs(op.dst_ids, op.src_ids)
@@ -157,11 +168,12 @@ class TorchMover:
         if not op.dst.is_cuda:
             read_block_file(op.path, layout, op.block_hash, block_bytes_view(op.dst, op.block_id))
             return
-        if self._staging is None:
-            self._staging = torch.empty((1, *op.dst.shape[1:]), dtype=op.dst.dtype, pin_memory=True)
-        read_block_file(op.path, layout, op.block_hash, block_bytes_view(self._staging, 0))
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = torch.empty((1, *op.dst.shape[1:]), dtype=op.dst.dtype, pin_memory=True)
+        read_block_file(op.path, layout, op.block_hash, block_bytes_view(staging, 0))
         with torch.cuda.stream(self._stream):
-            op.dst[op.block_id].copy_(self._staging[0], non_blocking=True)
+            op.dst[op.block_id].copy_(staging[0], non_blocking=True)
         self._stream.synchronize()
 
 
@@ -182,6 +194,7 @@ class TierCopier:
         self._num_unfinished = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kv-tier-read")
         self._thread = threading.Thread(target=self._run, name="kv-tier-copier", daemon=True)
         self._thread.start()
 
@@ -210,6 +223,7 @@ class TierCopier:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
+        self._readers.shutdown(wait=False)
 
     def _run(self) -> None:
         while True:
@@ -229,22 +243,30 @@ class TierCopier:
                 self.on_done()
 
     def _run_job(self, job: CopyJob) -> None:
+        reads = [op for op in job.ops if type(op) is ReadFile]
+        parallel = len(reads) > 1 and self.mover.max_parallel_reads > 1
+        if parallel:
+            list(self._readers.map(lambda op: self._run_op(op, job), reads))
         for op in job.ops:
-            started_s = time.perf_counter()
-            try:
-                if type(op) is CopyBlocks:
-                    self.mover.copy_blocks(op, job.ready_event)
-                elif type(op) is WriteFile:
-                    self.mover.write_file(op, self.layout)
-                elif type(op) is ReadFile:
-                    self.mover.read_file(op, self.layout)
-                else:
-                    op.path.unlink(missing_ok=True)
-                op.ok = True
-            except InvalidBlockFile as exc:
-                op.error = str(exc)
-            except Exception as exc:  # noqa: BLE001 - reported through the op; the job's other ops still run
-                logger.warning("KV tier %s failed: %s", type(op).__name__, exc, exc_info=not isinstance(exc, OSError))
-                if type(op) is ReadFile:
-                    op.error = f"{type(exc).__name__}: {exc}"
-            op.elapsed_s = time.perf_counter() - started_s
+            if not (parallel and type(op) is ReadFile):
+                self._run_op(op, job)
+
+    def _run_op(self, op: CopyOp, job: CopyJob) -> None:
+        started_s = time.perf_counter()
+        try:
+            if type(op) is CopyBlocks:
+                self.mover.copy_blocks(op, job.ready_event)
+            elif type(op) is WriteFile:
+                self.mover.write_file(op, self.layout)
+            elif type(op) is ReadFile:
+                self.mover.read_file(op, self.layout)
+            else:
+                op.path.unlink(missing_ok=True)
+            op.ok = True
+        except InvalidBlockFile as exc:
+            op.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported through the op; the job's other ops still run
+            logger.warning("KV tier %s failed: %s", type(op).__name__, exc, exc_info=not isinstance(exc, OSError))
+            if type(op) is ReadFile:
+                op.error = f"{type(exc).__name__}: {exc}"
+        op.elapsed_s = time.perf_counter() - started_s
