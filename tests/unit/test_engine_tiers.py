@@ -18,7 +18,7 @@ from triton_disagg.engine.params import FinishReason, SamplingParams
 from triton_disagg.engine.sequence import SequenceStatus
 from triton_disagg.engine.tiers.block_file import PAYLOAD_OFFSET
 from triton_disagg.engine.tiers.copier import TorchMover
-from triton_disagg.router.events import Medium, WorkerId
+from triton_disagg.router.events import AllCleared, Medium, WorkerId
 from triton_disagg.router.hashing import hash_request_tokens
 from triton_disagg.router.index import PrefixIndex
 
@@ -87,9 +87,11 @@ def test_a_prefix_evicted_from_the_device_comes_back_from_host_memory(tiny_model
     engine.close()
 
 
-def disk_engine(model, folder: Path) -> LLMEngine:
+def disk_engine(model, folder: Path, transport: str = "torch") -> LLMEngine:
     """Host memory for two prompts, so a third pushes the oldest to disk."""
-    return make_engine(model, kv_host_blocks=20, kv_disk_path=str(folder), kv_disk_blocks=64)
+    return make_engine(
+        model, kv_host_blocks=20, kv_disk_path=str(folder), kv_disk_blocks=64, kv_tier_transport=transport
+    )
 
 
 def push_a_to_disk(runner: Runner) -> None:
@@ -98,8 +100,11 @@ def push_a_to_disk(runner: Runner) -> None:
     runner.engine.tiers.wait_idle()
 
 
-def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(tiny_model, cold, tmp_path):
-    engine = disk_engine(tiny_model, tmp_path)
+@pytest.mark.parametrize("transport", ["torch", "nixl"])
+def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(tiny_model, cold, tmp_path, transport):
+    if transport == "nixl":
+        pytest.importorskip("nixl")
+    engine = disk_engine(tiny_model, tmp_path, transport)
     runner = Runner(engine)
     push_a_to_disk(runner)
     tokens, out = runner.run("A")
@@ -250,5 +255,18 @@ def test_the_engine_thread_sleeps_through_an_onboarding_and_wakes_when_it_ends(t
     request_id, tokens, out = run("A", "a2")
     assert tokens == cold["A"] and out.num_host_hit_tokens > 0
     thread.stop()
+    engine.check_integrity(expect_idle=True)
+    engine.close()
+
+
+def test_a_reset_clears_every_tier_and_announces_it_once(tiny_model, tmp_path):
+    engine = disk_engine(tiny_model, tmp_path)
+    push_a_to_disk(Runner(engine))
+    assert engine.tiers.host.num_resident and engine.tiers.disk.num_resident
+    engine.drain_kv_events()
+    assert engine.reset_prefix_cache()
+    assert engine.drain_kv_events() == [AllCleared()]
+    assert engine.tiers.host.num_resident == engine.tiers.disk.num_resident == engine.block_manager.num_cached_blocks == 0
+    assert list(tmp_path.glob("*.kvblock")) == []
     engine.check_integrity(expect_idle=True)
     engine.close()

@@ -111,7 +111,7 @@ class KVHandoff:
         self._queued.append(_Pull(seq, remote))
 
     def owns(self, request_id: str) -> bool:
-        return request_id in self._holds or request_id in self._pulls or request_id in self._onboarding
+        return request_id in self._holds or request_id in self._pulls
 
     def resume_onboarded(self, seq: Sequence) -> bool:
         """Take back a pulling `seq` whose local lower-tier blocks are in; False if it is not one of ours."""

@@ -52,9 +52,6 @@ class Onboarding:
     def num_active(self) -> int:
         return len(self._active)
 
-    def owns(self, seq: Sequence) -> bool:
-        return self._active.get(seq.request_id, None) is not None and self._active[seq.request_id].seq is seq
-
     def try_start(self, seq: Sequence) -> OnboardStart:
         """Start bringing back `seq`'s lower-tier prompt blocks, if it has any.
 

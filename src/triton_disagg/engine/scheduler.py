@@ -139,5 +139,5 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_host_hit_tokens = seq.num_disk_hit_tokens = 0
         self.waiting.appendleft(seq)

@@ -158,11 +158,6 @@ class TieredKVCache:
         """Whether finished copies wait for `poll` (cheap; any thread)."""
         return not self.copier.completed.empty() or bool(self._finished_onboards)
 
-    @property
-    def is_busy(self) -> bool:
-        """Whether offloads or copies are queued, running, or finished but not yet polled."""
-        return bool(self._unsubmitted) or self.copier.num_unfinished > 0 or self.has_completions
-
     # -- offload (BlockOffloader) ------------------------------------------------------------
 
     def block_freed(self, block_id: int, block_hash: BlockHash, parent_hash: BlockHash | None) -> None:
