@@ -27,8 +27,10 @@ of the tiers-off recompute, decode ITL within 5%.
 A second part isolates what offloading costs decoding: one request decodes
 `--probe-decode-tokens` tokens while a stream of unique prompts (no prefix
 hits, so the same compute either way) finishes around it, each freeing its
-blocks; with tiers on, every freed block is copied to host memory. Its
-inter-token latency, tiers on against off, is the critical-path check.
+blocks; with tiers on, every freed block is copied to host memory, and in
+the disk config (admission at the first use here) every block host memory
+evicts is written to disk. Its inter-token latency, tiers on against off,
+is the critical-path check.
 
 A third part times the tiers' transports, torch (memmove, file I/O)
 against NIXL (UCX, POSIX), on the engine's block size and on a 7B model's
@@ -48,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -200,13 +202,14 @@ def probe_decode_itl(name: str, config: EngineConfig, args: argparse.Namespace) 
         finished.wait()
         num_background += 1
     thread.stop()
-    offloaded = engine.tiers.stats.offloaded_blocks["host"] if engine.tiers is not None else 0
+    offloaded = engine.tiers.stats.offloaded_blocks if engine.tiers is not None else {"host": 0, "disk": 0}
     engine.close()
     itls = [b - a for a, b in zip(times, times[1:])]
     progress(f"{name}: decode ITL p50 {statistics.median(itls) * 1e3:.2f} ms beside {num_background} prompts, "
-             f"{offloaded} blocks offloaded")
+             f"{offloaded['host']} blocks offloaded to host memory, {offloaded['disk']} to disk")
     return {"itl_median_ms": statistics.median(itls) * 1e3, "itl_p90_ms": _percentile(itls, 0.9) * 1e3,
-            "num_background_prompts": num_background, "blocks_offloaded": offloaded}
+            "num_background_prompts": num_background, "blocks_to_host": offloaded["host"],
+            "blocks_to_disk": offloaded["disk"]}
 
 
 # -- transports -------------------------------------------------------------------------
@@ -313,11 +316,11 @@ def format_tables(summary: dict, probe: dict, transports: list[dict]) -> str:
                 f"{cls['ttft_ratio_to_off_median']:>11.3f}"
             )
     if probe:
-        lines += ["", f"{'config':<6} {'decode ITL p50':>14} {'p90':>8} {'x off':>6} {'blocks offloaded':>16}  (beside unique prompts)"]
+        lines += ["", f"{'config':<6} {'decode ITL p50':>14} {'p90':>8} {'x off':>6} {'to host':>8} {'to disk':>8}  (beside unique prompts)"]
         for name, row in probe.items():
             lines.append(
                 f"{name:<6} {row['itl_median_ms']:>12.2f}ms {row['itl_p90_ms']:>6.2f}ms "
-                f"{row['itl_median_ms'] / probe['off']['itl_median_ms']:>6.3f} {row['blocks_offloaded']:>16}"
+                f"{row['itl_median_ms'] / probe['off']['itl_median_ms']:>6.3f} {row['blocks_to_host']:>8} {row['blocks_to_disk']:>8}"
             )
     if transports:
         lines += ["", f"{'block':<8} {'transport':<9} {'move':<15} {'ms':>8} {'GB/s':>6}"]
@@ -386,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_config(name, config, args, disk_dir) for name, (config, disk_dir) in configs.items()]
     probe = {}
     if args.probe_decode_tokens:
-        probe = {name: probe_decode_itl(name, configs[name][0], args) for name in ("off", "host")}
+        probe_configs = {
+            "off": configs["off"][0],
+            "host": configs["host"][0],
+            "disk": replace(configs["disk"][0], kv_disk_path=str(work / "probe-disk"), kv_disk_min_uses=1),
+        }
+        probe = {name: probe_decode_itl(name, config, args) for name, config in probe_configs.items()}
     transports = []
     if args.transport_blocks:
         engine_block = (4, 2, BLOCK_SIZE, 2, 32)  # the tiny model's (L, 2, BS, KVH, D), float32: 32 KiB
