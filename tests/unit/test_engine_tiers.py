@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import FinishReason, SamplingParams
 from triton_disagg.engine.sequence import SequenceStatus
 from triton_disagg.engine.tiers.block_file import PAYLOAD_OFFSET
-from triton_disagg.engine.tiers.copier import TorchMover
 from triton_disagg.router.events import AllCleared, Medium, WorkerId
 from triton_disagg.router.hashing import hash_request_tokens
 from triton_disagg.router.index import PrefixIndex
@@ -194,25 +192,12 @@ def test_capacity_holds_under_pressure_and_the_router_index_matches_every_tier(t
     engine.close()
 
 
-class GatedMover(TorchMover):
-    def __init__(self) -> None:
-        super().__init__(torch.device("cpu"))
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def copy_blocks(self, op, ready_event) -> None:
-        if op.dst.data_ptr() != op.src.data_ptr():
-            assert self.gate.wait(10)
-        super().copy_blocks(op, ready_event)
-
-
-def test_other_requests_step_while_one_onboards_and_an_abort_frees_its_blocks_after_the_copy(tiny_model, cold):
+def test_other_requests_step_while_one_onboards_and_an_abort_frees_its_blocks_after_the_copy(tiny_model, cold, gated_mover):
     engine = make_engine(tiny_model, num_blocks=24)
     runner = Runner(engine)
     runner.run_all("ABC")  # A's blocks are in host memory, no longer on the device
     engine.tiers.wait_idle()
-    mover = GatedMover()
-    engine.tiers.copier.mover = mover
+    mover = engine.tiers.copier.mover = gated_mover
     mover.gate.clear()
     engine.add_request("a", runner.prompts["A"], PARAMS)
     engine.add_request("short", runner.prompts["B"][:20], PARAMS)

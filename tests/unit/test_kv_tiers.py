@@ -20,7 +20,7 @@ from triton_disagg.engine.tiers.block_file import (
     write_block_file,
 )
 from triton_disagg.engine.tiers.cache import TieredKVCache
-from triton_disagg.engine.tiers.copier import TorchMover, block_bytes_view
+from triton_disagg.engine.tiers.copier import block_bytes_view
 from triton_disagg.engine.tiers.disk import DiskTier
 from triton_disagg.engine.tiers.host import HostTier
 from triton_disagg.router.events import BlockRemoved, BlockStored, Medium
@@ -160,32 +160,8 @@ def test_disk_tier_adopts_valid_files_and_deletes_bad_ones(tmp_path):
 # -- the tiered cache, on a pool without a model ---------------------------------------------
 
 
-class GatedMover(TorchMover):
-    """Holds each copy until `gate` is set, so a test can see a job in flight."""
-
-    def __init__(self) -> None:
-        super().__init__(torch.device("cpu"))
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def copy_blocks(self, op, ready_event) -> None:
-        assert self.gate.wait(10)
-        super().copy_blocks(op, ready_event)
-
-    def read_file(self, op, layout) -> None:
-        assert self.gate.wait(10)
-        super().read_file(op, layout)
-
-
 def make_cache(tmp_path=None, pool_blocks: int = 8, host_blocks: int = 4, disk_blocks: int = 0, **overrides) -> TieredKVCache:
-    return TieredKVCache(
-        make_pool(pool_blocks),
-        host_blocks,
-        LAYOUT,
-        disk_folder=tmp_path,
-        disk_blocks=disk_blocks,
-        **({"mover": GatedMover()} | overrides),
-    )
+    return TieredKVCache(make_pool(pool_blocks), host_blocks, LAYOUT, disk_folder=tmp_path, disk_blocks=disk_blocks, **overrides)
 
 
 def offload(cache: TieredKVCache, blocks: dict[int, tuple[int, int | None]]) -> None:
@@ -208,8 +184,8 @@ def test_freed_blocks_are_copied_to_host_memory_and_announced_as_one_run():
     cache.close()
 
 
-def test_reusing_a_block_waits_for_its_offload():
-    cache = make_cache()
+def test_reusing_a_block_waits_for_its_offload(gated_mover):
+    cache = make_cache(mover=gated_mover)
     original = cache.device_pool[3].clone()
     cache.copier.mover.gate.clear()
     offload(cache, {3: (30, None)})
@@ -283,8 +259,8 @@ def test_onboarding_copies_back_from_both_tiers_and_stops_at_a_corrupt_file(tmp_
     cache.close()
 
 
-def test_blocks_read_by_an_onboarding_are_not_evicted_under_it():
-    cache = make_cache(host_blocks=1)
+def test_blocks_read_by_an_onboarding_are_not_evicted_under_it(gated_mover):
+    cache = make_cache(host_blocks=1, mover=gated_mover)
     offload(cache, {0: (10, None)})
     cache.wait_idle()
     cache.copier.mover.gate.clear()

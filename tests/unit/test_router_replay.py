@@ -11,10 +11,10 @@ import pytest
 from triton_disagg.router.config import RouterConfig, RoutingMode
 from triton_disagg.router.events import BlockRemoved, BlockStored, Medium, WorkerId
 from triton_disagg.router.hashing import hash_block_tokens
+from triton_disagg.router.index import TierMatch
 from triton_disagg.tools.replay_trace import (
     CostModel,
     SimWorker,
-    TierHits,
     infinite_cache_hit_ratio,
     load_trace,
     simulate,
@@ -54,16 +54,16 @@ def test_trace_with_unchained_ids_is_refused(tmp_path):
 
 def test_sim_worker_caches_lru_tail_first_and_emits_engine_like_events():
     worker = SimWorker(WorkerId("w"), capacity_blocks=4, index=0)
-    assert worker.access([1, 2, 3], block_size=16) == TierHits(0)
+    assert worker.access([1, 2, 3], block_size=16) == TierMatch(0)
     assert worker.pending_events == [BlockStored((1, 2, 3), None, (), 16)]
     worker.pending_events.clear()
     # Shares 1, 2; 5 and 6 are new; capacity 4 evicts the least recent: 3 (a tail).
-    assert worker.access([1, 2, 5, 6], block_size=16) == TierHits(2)
+    assert worker.access([1, 2, 5, 6], block_size=16) == TierMatch(2)
     assert worker.pending_events == [BlockStored((5, 6), 2, (), 16), BlockRemoved((3,))]
     assert list(worker.cache) == [6, 5, 2, 1]
     worker.pending_events.clear()
     # 7, 8 are new, evicting 6 then 5 (one event each); 1 is cached again after the miss on 7.
-    assert worker.access([7, 8, 1], block_size=16) == TierHits(0)
+    assert worker.access([7, 8, 1], block_size=16) == TierMatch(0)
     assert worker.pending_events == [BlockStored((7, 8), None, (), 16), BlockRemoved((6,)), BlockRemoved((5,))]
     assert list(worker.cache) == [2, 1, 8, 7]
 
@@ -85,7 +85,7 @@ def test_tiered_sim_worker_offloads_evictions_and_admits_to_disk_from_the_second
     worker.access([7, 8], block_size=16)  # 5, 6 to host memory; 4, 3 (used once) are dropped
     assert list(worker.disk) == [2, 1]
     # Leading blocks walk the tiers: 1, 2 on disk, then 5 in host memory; 9 is nowhere.
-    assert worker.access([1, 2, 5, 9], block_size=16) == TierHits(device=0, host=1, disk=2)
+    assert worker.access([1, 2, 5, 9], block_size=16) == TierMatch(num_device=0, num_host=1, num_disk=2)
 
 
 @pytest.mark.skipif(not SHARED_TRACE.is_file(), reason=f"shared trace not found at {SHARED_TRACE}")

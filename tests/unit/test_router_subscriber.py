@@ -10,6 +10,7 @@ from triton_disagg.router.config import PublisherConfig, SubscriberConfig
 from triton_disagg.router.events import (
     BlockRemoved,
     BlockStored,
+    Medium,
     EventBatch,
     MalformedEventError,
     WorkerDump,
@@ -198,7 +199,8 @@ def test_publisher_and_subscriber_over_zeromq(tmp_path):
     with KVEventPublisher(A, config) as publisher, KVEventSubscriber(
         index, SubscriberConfig(poll_interval_s=0.01, dump_timeout_s=0.5)
     ) as subscriber:
-        assert publisher.publish([stored(H[:2])]) == 1  # before the router listens: only the dump has it
+        # Before the router listens: only the dump has them, H[0] in host memory too.
+        assert publisher.publish([stored(H[:2]), BlockStored((H[0],), None, (), 4, Medium.HOST)]) == 1
         assert publisher.publish([]) == 1
         subscriber.add_worker(A, publisher.events_endpoint, publisher.dump_endpoint)
         assert subscriber.wait_until(lambda s: A in s.index.worker_ids and s.status(A).state is StreamState.SYNCED, 10)
@@ -208,7 +210,10 @@ def test_publisher_and_subscriber_over_zeromq(tmp_path):
         with subscriber.lock:
             assert index.find_matches(H) == {A: 3}
             assert index.dump() == {A: [(H[1], H[0]), (H[0], None), (H[2], H[1])]}
-        assert decode_dump(_request_dump(publisher)).entries == ((H[1], H[0]), (H[0], None), (H[2], H[1]))
+            assert index.media_mask(A, H[0]) == Medium.DEVICE.bit | Medium.HOST.bit
+        dump = decode_dump(_request_dump(publisher))
+        assert dump.entries == ((H[1], H[0]), (H[0], None), (H[2], H[1]))
+        assert dump.media == ((H[0], Medium.DEVICE.bit | Medium.HOST.bit),)
         subscriber.remove_worker(A)
         assert subscriber.wait_until(lambda s: A not in s.index.worker_ids, 10)
 

@@ -129,18 +129,13 @@ class KVHandoff:
 
     def abort(self, seq: Sequence) -> bool:
         """Forget a pulling `seq`; blocks a live transfer targets are freed when it ends. False if not ours."""
-        for pull in self._queued:
-            if pull.seq is seq:
-                self._queued.remove(pull)
-                self.block_manager.free(seq)
-                self._finish(pull, None)
-                return True
-        for pull in self._onboarded:
-            if pull.seq is seq:
-                self._onboarded.remove(pull)
-                self.block_manager.free(seq)
-                self._finish(pull, None)
-                return True
+        for waiting in (self._queued, self._onboarded):  # no transfer in flight: free at once
+            for pull in waiting:
+                if pull.seq is seq:
+                    waiting.remove(pull)
+                    self.block_manager.free(seq)
+                    self._finish(pull, None)
+                    return True
         pull = self._onboarding.get(seq.request_id)
         if pull is not None and pull.seq is seq:
             del self._onboarding[seq.request_id]

@@ -29,6 +29,7 @@ _COUNTERS = {
     "triton_disagg_kv_tier_bytes_total": "Bytes copied into (direction=in) or out of (direction=out) a tier",
     "triton_disagg_kv_tier_copy_seconds_total": "Seconds spent copying into or out of a tier",
     "triton_disagg_kv_tier_invalid_blocks_total": "Disk blocks found corrupt, truncated or foreign, dropped and recomputed",
+    "triton_disagg_kv_tier_offload_wait_seconds_total": "Seconds the engine waited for an offload before reusing a device block",
 }
 
 
@@ -57,6 +58,8 @@ def _series(engine: LLMEngine) -> list[_Series]:
     add("triton_disagg_kv_tier_hit_ratio", lambda e: _ratio(e.block_manager.num_hit_blocks, e), tier="device")
     for family in ("triton_disagg_kv_tier_offloaded_blocks_total", "triton_disagg_kv_tier_onboarded_blocks_total"):
         add(family, lambda e: 0, tier="device")
+    if tiers is not None:
+        add("triton_disagg_kv_tier_offload_wait_seconds_total", lambda e: e.tiers.stats.offload_wait_seconds)
     for name in names[1:]:
         tier = tiers.host if name == "host" else tiers.disk
         add("triton_disagg_kv_tier_blocks", lambda e, t=tier: t.num_resident, tier=name)

@@ -30,7 +30,12 @@ hits, so the same compute either way) finishes around it, each freeing its
 blocks; with tiers on, every freed block is copied to host memory, and in
 the disk config (admission at the first use here) every block host memory
 evicts is written to disk. Its inter-token latency, tiers on against off,
-is the critical-path check.
+is the critical-path check; the configs alternate `--probe-repeats` times
+and each reports the median of its runs' medians, since a shared machine's
+noise swamps a single run. Beside it, three figures that other processes
+disturb far less: the engine thread's CPU time per step (`thread_time`),
+its share spent on tier bookkeeping, and the offload waits at eviction
+(`TierStats`).
 
 A third part times the tiers' transports, torch (memmove, file I/O)
 against NIXL (UCX, POSIX), on the engine's block size and on a 7B model's
@@ -182,7 +187,8 @@ def _drop_page_cache(folder: Path) -> None:
 def probe_decode_itl(name: str, config: EngineConfig, args: argparse.Namespace) -> dict:
     """ITL of one long decode while unique prompts come and go (their freed blocks offloaded when tiers are on)."""
     engine = LLMEngine(config)
-    thread = EngineThread(engine, name=f"probe-{name}")
+    cpu_s: list[float] = []  # the engine thread's CPU time after each step
+    thread = EngineThread(engine, name=f"probe-{name}", after_step=lambda: cpu_s.append(time.thread_time()))
     thread.start()
     times: list[float] = []
     done = threading.Event()
@@ -202,14 +208,25 @@ def probe_decode_itl(name: str, config: EngineConfig, args: argparse.Namespace) 
         finished.wait()
         num_background += 1
     thread.stop()
-    offloaded = engine.tiers.stats.offloaded_blocks if engine.tiers is not None else {"host": 0, "disk": 0}
+    stats = engine.tiers.stats if engine.tiers is not None else None
     engine.close()
     itls = [b - a for a, b in zip(times, times[1:])]
-    progress(f"{name}: decode ITL p50 {statistics.median(itls) * 1e3:.2f} ms beside {num_background} prompts, "
-             f"{offloaded['host']} blocks offloaded to host memory, {offloaded['disk']} to disk")
-    return {"itl_median_ms": statistics.median(itls) * 1e3, "itl_p90_ms": _percentile(itls, 0.9) * 1e3,
-            "num_background_prompts": num_background, "blocks_to_host": offloaded["host"],
-            "blocks_to_disk": offloaded["disk"]}
+    decode_s = times[-1] - times[0]
+    row = {
+        "itl_median_ms": statistics.median(itls) * 1e3,
+        "itl_p90_ms": _percentile(itls, 0.9) * 1e3,
+        "num_background_prompts": num_background,
+        "blocks_to_host": stats.offloaded_blocks["host"] if stats else 0,
+        "blocks_to_disk": stats.offloaded_blocks["disk"] if stats else 0,
+        "engine_cpu_ms_per_step": (cpu_s[-1] - cpu_s[0]) / (len(cpu_s) - 1) * 1e3,
+        "bookkeeping_share": stats.bookkeeping_seconds / decode_s if stats else 0.0,
+        "offload_waits": stats.offload_waits if stats else 0,
+        "offload_wait_s": stats.offload_wait_seconds if stats else 0.0,
+    }
+    progress(f"{name}: decode ITL p50 {row['itl_median_ms']:.2f} ms beside {num_background} prompts, "
+             f"{row['blocks_to_host']} blocks to host memory, {row['blocks_to_disk']} to disk, "
+             f"bookkeeping {row['bookkeeping_share']:.2%} of the engine thread, {row['offload_waits']} offload waits")
+    return row
 
 
 # -- transports -------------------------------------------------------------------------
@@ -273,6 +290,8 @@ def summarize(results: list[ConfigResult], args: argparse.Namespace) -> dict:
             "itl_p90_ms": _percentile(itls, 0.9) * 1e3,
             "output_tokens_per_s": sum(len(t.itls_s) + 1 for t in result.turns) / result.wall_s,
             "wall_s": result.wall_s,
+            "bookkeeping_share": result.tier_stats.get("bookkeeping_seconds", 0.0) / result.wall_s,
+            "offload_waits": result.tier_stats.get("offload_waits", 0),
             "by_source": {},
         }
         for source in CLASSES:
@@ -293,6 +312,13 @@ def summarize(results: list[ConfigResult], args: argparse.Namespace) -> dict:
     return summary
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """Each field's median over repeated runs, plus the spread of the ITL medians."""
+    merged = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    merged["itl_median_ms_runs"] = [row["itl_median_ms"] for row in rows]
+    return merged
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
@@ -300,13 +326,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 def format_tables(summary: dict, probe: dict, transports: list[dict]) -> str:
     lines = [
-        f"{'config':<6} {'prefill tok':>11} {'TTFT ret p50':>12} {'p90':>8} {'ITL p50':>8} {'ITL ratio':>9} {'tok/s':>7}",
+        f"{'config':<6} {'prefill tok':>11} {'TTFT ret p50':>12} {'p90':>8} {'ITL p50':>8} {'ITL ratio':>9} {'tok/s':>7} "
+        f"{'bookkeeping':>11} {'offload waits':>13}",
     ]
     for name, row in summary.items():
         lines.append(
             f"{name:<6} {row['prefill_tokens_computed']:>11} {row['ttft_returning_median_ms']:>10.1f}ms "
             f"{row['ttft_returning_p90_ms']:>6.1f}ms {row['itl_median_ms']:>6.2f}ms {row['itl_ratio_to_off']:>9.3f} "
-            f"{row['output_tokens_per_s']:>7.1f}"
+            f"{row['output_tokens_per_s']:>7.1f} {row['bookkeeping_share']:>11.3%} {row['offload_waits']:>13}"
         )
     lines += ["", f"{'config':<6} {'source':<10} {'turns':>5} {'TTFT p50':>9} {'p90':>8} {'x tiers-off':>11}  (returning turns)"]
     for name, row in summary.items():
@@ -316,11 +343,15 @@ def format_tables(summary: dict, probe: dict, transports: list[dict]) -> str:
                 f"{cls['ttft_ratio_to_off_median']:>11.3f}"
             )
     if probe:
-        lines += ["", f"{'config':<6} {'decode ITL p50':>14} {'p90':>8} {'x off':>6} {'to host':>8} {'to disk':>8}  (beside unique prompts)"]
+        lines += ["", f"{'config':<6} {'decode ITL p50':>14} {'p90':>8} {'x off':>6} {'CPU/step':>9} {'x off':>6} "
+                      f"{'to host':>8} {'to disk':>8} {'bookkeeping':>11} {'offload waits':>13}  (medians of runs)"]
         for name, row in probe.items():
+            off = probe["off"]
             lines.append(
                 f"{name:<6} {row['itl_median_ms']:>12.2f}ms {row['itl_p90_ms']:>6.2f}ms "
-                f"{row['itl_median_ms'] / probe['off']['itl_median_ms']:>6.3f} {row['blocks_to_host']:>8} {row['blocks_to_disk']:>8}"
+                f"{row['itl_median_ms'] / off['itl_median_ms']:>6.3f} {row['engine_cpu_ms_per_step']:>7.2f}ms "
+                f"{row['engine_cpu_ms_per_step'] / off['engine_cpu_ms_per_step']:>6.3f} {row['blocks_to_host']:>8.0f} "
+                f"{row['blocks_to_disk']:>8.0f} {row['bookkeeping_share']:>11.3%} {row['offload_waits']:>13.0f}"
             )
     if transports:
         lines += ["", f"{'block':<8} {'transport':<9} {'move':<15} {'ms':>8} {'GB/s':>6}"]
@@ -355,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the tiny model, written to a temp dir)")
     parser.add_argument("--conversations", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=5, help="rounds of turns (>= 2: the first has nothing to return to)")
     parser.add_argument("--context-tokens", type=int, default=1600, help="each conversation's own context")
     parser.add_argument("--user-tokens", type=int, default=48, help="tokens of each new user message")
     parser.add_argument("--output-tokens", type=int, default=32)
@@ -363,7 +394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--disk-host-blocks", type=int, default=128, help="the disk config's host tier")
     parser.add_argument("--concurrency", type=int, default=2, help="conversations in flight (their prompts must fit the pool together)")
     parser.add_argument("--cold-disk", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
-    parser.add_argument("--probe-decode-tokens", type=int, default=400, help="the ITL probe's decode (0: skip)")
+    parser.add_argument("--probe-decode-tokens", type=int, default=300, help="the ITL probe's decode (0: skip)")
+    parser.add_argument("--probe-repeats", type=int, default=3, help="alternating runs of each probe config")
     parser.add_argument("--transport-blocks", type=int, default=128, help="blocks per transport measurement (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_tiers"))
     return parser.parse_args(argv)
@@ -371,6 +403,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.turns < 2:
+        print("bench_tiers: --turns must be >= 2 (returning turns are what it measures)", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="bench-tiers-"))
     model = args.model or make_model(work / "model")
     history_tokens = args.context_tokens + args.turns * (args.user_tokens + args.output_tokens)
@@ -394,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             "host": configs["host"][0],
             "disk": replace(configs["disk"][0], kv_disk_path=str(work / "probe-disk"), kv_disk_min_uses=1),
         }
-        probe = {name: probe_decode_itl(name, config, args) for name, config in probe_configs.items()}
+        runs: dict[str, list[dict]] = {name: [] for name in probe_configs}
+        for _ in range(args.probe_repeats):
+            for name, config in probe_configs.items():
+                runs[name].append(probe_decode_itl(name, config, args))
+        probe = {name: _median_row(rows) for name, rows in runs.items()}
     transports = []
     if args.transport_blocks:
         engine_block = (4, 2, BLOCK_SIZE, 2, 32)  # the tiny model's (L, 2, BS, KVH, D), float32: 32 KiB

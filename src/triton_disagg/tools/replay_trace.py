@@ -63,11 +63,11 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from triton_disagg.router.config import RouterConfig, RoutingMode
 from triton_disagg.router.events import BlockRemoved, BlockStored, KVEvent, Medium, WorkerId
 from triton_disagg.router.hashing import BlockHash, hash_block_tokens
+from triton_disagg.router.index import TierMatch
 from triton_disagg.router.selection import KvRouter, RouteRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout: src/triton_disagg/tools/ is three levels down
@@ -189,18 +189,6 @@ def infinite_cache_hit_ratio(requests: Sequence[TraceRequest]) -> float:
 # -- simulated workers -----------------------------------------------------------
 
 
-class TierHits(NamedTuple):
-    """A prompt's leading cached blocks, by the tier each was found in."""
-
-    device: int
-    host: int = 0
-    disk: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.device + self.host + self.disk
-
-
 class SimWorker:
     """A worker's prefix cache (LRU over block hashes, optionally over host and disk tiers), queue and batch."""
 
@@ -244,7 +232,7 @@ class SimWorker:
         """Tokens of every request routed here and not finished (waiting and prefilling prompts too)."""
         return self.num_waiting_tokens + self.num_running_tokens
 
-    def access(self, block_hashes: Sequence[BlockHash], block_size: int) -> TierHits:
+    def access(self, block_hashes: Sequence[BlockHash], block_size: int) -> TierMatch:
         """Look up and then cache a prompt's blocks; returns its leading hits by tier and queues the KV events.
 
         Events are shaped as the engine's: a BlockStored per run of newly
@@ -284,7 +272,7 @@ class SimWorker:
         self.pending_events.extend(BlockRemoved((block_hash,)) for block_hash in evicted)
         for block_hash in evicted:
             self._offload(block_hash, block_size)
-        return TierHits(*counts)
+        return TierMatch(*counts)
 
     def _offload(self, block_hash: BlockHash, block_size: int) -> None:
         """A block evicted from the device goes to the host tier; one evicted from there to disk, if used twice."""
@@ -374,12 +362,15 @@ def simulate(
         if worker.waiting:
             request = worker.waiting.popleft()
             hits = worker.access(request.block_hashes, block_size)
-            num_hits += hits.total
-            for tier, count in enumerate(hits):
-                tier_hits[tier] += count
+            num_hits += hits.num_blocks
+            tier_hits[0] += hits.num_device
+            tier_hits[1] += hits.num_host
+            tier_hits[2] += hits.num_disk
             num_blocks += len(request.block_hashes)
-            num_uncached = max(request.num_input_tokens - hits.total * TRACE_BLOCK_TOKENS, 0)
-            duration_s += cost.prefill_s(num_uncached, hits.host * TRACE_BLOCK_TOKENS, hits.disk * TRACE_BLOCK_TOKENS)
+            num_uncached = max(request.num_input_tokens - hits.num_blocks * TRACE_BLOCK_TOKENS, 0)
+            duration_s += cost.prefill_s(
+                num_uncached, hits.num_host * TRACE_BLOCK_TOKENS, hits.num_disk * TRACE_BLOCK_TOKENS
+            )
             worker.prefilling = request
         if worker.running:
             duration_s += cost.decode_s(worker.num_running_tokens)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,11 @@ class TierStats:
     not_admitted_blocks: int = 0
     #: Freed blocks not offloaded: host memory had no slot that could be evicted.
     skipped_offloads: int = 0
+    #: Device blocks whose reuse had to wait for their offload to finish, and the seconds it took.
+    offload_waits: int = 0
+    offload_wait_seconds: float = 0.0
+    #: Seconds the engine thread spent deciding and applying copies (flush, poll, start_onboard).
+    bookkeeping_seconds: float = 0.0
 
 
 class UseCounter:
@@ -171,13 +177,17 @@ class TieredKVCache:
         self._unsubmitted.pop(block_id, None)
         job = self._reading_device.get(block_id)
         if job is not None:
+            started_s = time.perf_counter()
             job.done.wait()
+            self.stats.offload_waits += 1
+            self.stats.offload_wait_seconds += time.perf_counter() - started_s
             self._process_completed()
 
     def flush(self) -> None:
         """Submit the offloads of the blocks freed since the last flush, as one background job."""
         if not self._unsubmitted:
             return
+        started_s = time.perf_counter()
         freed, self._unsubmitted = self._unsubmitted, {}
         deletes: list[DeleteFile] = []
         writes: list[WriteFile] = []
@@ -206,6 +216,7 @@ class TieredKVCache:
             for block_id in context.block_ids:
                 self._reading_device[block_id] = job
             self.copier.submit(job)
+        self.stats.bookkeeping_seconds += time.perf_counter() - started_s
 
     def _evict_from_host(
         self,
@@ -253,6 +264,7 @@ class TieredKVCache:
 
         The entries read are pinned until the job ends; `poll` returns the ticket once it did.
         """
+        started_s = time.perf_counter()
         ticket = OnboardTicket(request_id, block_hashes, media, block_ids)
         host_ids: list[int] = []
         host_slots: list[int] = []
@@ -269,6 +281,7 @@ class TieredKVCache:
                 reads.append(ReadFile(self.disk.path_of(block_hash), block_hash, self.device_pool, block_id))
         ops: list = [CopyBlocks(self.host.pool, host_slots, self.device_pool, host_ids)] if host_ids else []
         self.copier.submit(CopyJob([*ops, *reads], urgent=True, context=ticket))
+        self.stats.bookkeeping_seconds += time.perf_counter() - started_s
         return ticket
 
     def poll(self) -> list[OnboardTicket]:
@@ -322,15 +335,19 @@ class TieredKVCache:
     # -- completions ---------------------------------------------------------------------------
 
     def _process_completed(self) -> None:
+        if self.copier.completed.empty():
+            return
+        started_s = time.perf_counter()
         while True:
             try:
                 job = self.copier.completed.get_nowait()
             except queue.Empty:
-                return
+                break
             if job.urgent:
                 self._complete_onboard(job)
             else:
                 self._complete_offload(job)
+        self.stats.bookkeeping_seconds += time.perf_counter() - started_s
 
     def _complete_offload(self, job: CopyJob) -> None:
         context: _OffloadContext = job.context
