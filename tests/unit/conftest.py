@@ -21,12 +21,19 @@ def tiny_moe_model(tmp_path_factory):
 
 
 class GatedMover(TorchMover):
-    """A KV tier mover that holds each block copy and file read until `gate` is set (it starts set)."""
+    """A KV tier mover that holds each block copy and file read until `gate` is set, and each file
+    write until `disk_gate` is set (both start set)."""
 
     def __init__(self) -> None:
         super().__init__(torch.device("cpu"))
         self.gate = threading.Event()
         self.gate.set()
+        self.disk_gate = threading.Event()
+        self.disk_gate.set()
+
+    def write_file(self, op, layout) -> None:
+        assert self.disk_gate.wait(10), "the disk gate stayed closed"
+        super().write_file(op, layout)
 
     def copy_blocks(self, op, ready_event) -> None:
         assert self.gate.wait(10), "the gate stayed closed"

@@ -232,6 +232,25 @@ def test_host_evictions_reach_disk_only_for_blocks_used_twice(tmp_path):
     cache.close()
 
 
+def test_a_slow_disk_never_holds_up_an_offload(tmp_path, gated_mover):
+    cache = make_cache(tmp_path, host_blocks=1, disk_blocks=4, disk_min_uses=1, mover=gated_mover)
+    offload(cache, {0: (10, None)})
+    cache.wait_idle()
+    gated_mover.disk_gate.clear()
+    offload(cache, {1: (11, None)})  # evicts 10 from host memory: its file write is held
+    reuse = threading.Thread(target=cache.before_reuse, args=(1,))
+    reuse.start()
+    reuse.join(5)
+    assert not reuse.is_alive()  # block 1's copy to host memory did not wait for the disk
+    assert (cache.find(10), cache.find(11)) == (None, HOST)  # 10 is on its way to disk, not readable yet
+    gated_mover.disk_gate.set()
+    cache.wait_idle()
+    assert cache.find(10) is DISK
+    assert torch.equal(cache.host.pool[cache.host.ready(11).slot], cache.device_pool[1])
+    cache.check_integrity(expect_idle=True)
+    cache.close()
+
+
 def test_onboarding_copies_back_from_both_tiers_and_stops_at_a_corrupt_file(tmp_path):
     cache = make_cache(tmp_path, host_blocks=1, disk_blocks=4)
     expected = cache.device_pool.clone()

@@ -10,7 +10,10 @@ freed and reused within one scheduling pass is not offloaded.
 Host memory is inclusive (a block may be on the device and in host memory
 at once) and LRU; a block evicted from it goes to disk when it was used at
 least `disk_min_uses` times (so a block seen once never churns the disk),
-else it is gone. Disk is LRU too.
+else it is gone. Its bytes are copied aside (into a buffer of
+`MAX_PENDING_DISK_BYTES`) before its slot is reused, and written by the
+disk thread; a disk that falls further behind than the buffer holds gets
+fewer blocks. Disk is LRU too.
 
 `start_onboard` brings blocks back into device blocks a request holds, as
 an urgent job; `poll` hands back finished onboardings with how many of
@@ -39,6 +42,7 @@ from triton_disagg.engine.tiers.copier import (
     CopyBlocks,
     CopyJob,
     DeleteFile,
+    Lane,
     ReadFile,
     TierCopier,
     TorchMover,
@@ -52,6 +56,8 @@ from triton_disagg.router.hashing import BlockHash
 logger = logging.getLogger(__name__)
 
 HOST, DISK = Medium.HOST, Medium.DISK
+#: Bytes of blocks copied aside for the disk thread and not yet written; beyond, host evictions skip the disk.
+MAX_PENDING_DISK_BYTES = 256 * 2**20
 
 
 @dataclass(slots=True)
@@ -76,6 +82,8 @@ class TierStats:
     not_admitted_blocks: int = 0
     #: Freed blocks not offloaded: host memory had no slot that could be evicted.
     skipped_offloads: int = 0
+    #: Blocks host memory evicted and the disk would have taken, skipped: too many writes were pending.
+    skipped_disk_writes: int = 0
     #: Device blocks whose reuse had to wait for their offload to finish, and the seconds it took.
     offload_waits: int = 0
     offload_wait_seconds: float = 0.0
@@ -119,9 +127,22 @@ class OnboardTicket:
 
 @dataclass(slots=True)
 class _OffloadContext:
-    block_ids: list[int]  # device blocks copied to host memory ...
-    host_hashes: list[BlockHash]  # ... as these blocks
-    disk_hashes: list[BlockHash]  # blocks written to disk (one WriteFile op each, in op order)
+    """A background job: blocks leaving host memory for disk copied aside, then freed device blocks copied in."""
+
+    block_ids: list[int] = field(default_factory=list)  # device blocks copied to host memory ...
+    host_hashes: list[BlockHash] = field(default_factory=list)  # ... as these blocks
+    to_host: CopyBlocks | None = None
+    #: Evicted blocks for disk: copied from their host slots into aside slots, written by the followup.
+    disk_hashes: list[BlockHash] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+    aside_slots: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _DiskContext:
+    """A disk job: deletions, then one WriteFile per hash of `written`, in order."""
+
+    written: list[BlockHash] = field(default_factory=list)
 
 
 class TieredKVCache:
@@ -150,6 +171,13 @@ class TieredKVCache:
         self.stats = TierStats()
         self.uses = UseCounter(2 * (device_pool.shape[0] + host_blocks + disk_blocks))
         self.copier = TierCopier(mover or TorchMover(device_pool.device), layout)
+        self.copier.mover.register_pool(self.host.pool)
+        # Blocks on their way to disk (empty: pages are committed as used).
+        num_aside = max(MAX_PENDING_DISK_BYTES // self.block_bytes, 1) if self.disk is not None else 0
+        self._aside = torch.empty((num_aside, *device_pool.shape[1:]), dtype=device_pool.dtype)
+        self._free_aside = list(range(num_aside - 1, -1, -1))
+        if num_aside:
+            self.copier.mover.register_pool(self._aside)
         self._unsubmitted: dict[int, tuple[BlockHash, BlockHash | None]] = {}  # device block -> freed block
         self._reading_device: dict[int, CopyJob] = {}  # device block -> the offload copying it
         self._finished_onboards: list[OnboardTicket] = []
@@ -189,9 +217,8 @@ class TieredKVCache:
             return
         started_s = time.perf_counter()
         freed, self._unsubmitted = self._unsubmitted, {}
-        deletes: list[DeleteFile] = []
-        writes: list[WriteFile] = []
-        context = _OffloadContext([], [], [])
+        context = _OffloadContext()
+        disk_job = CopyJob([], Lane.DISK, context=_DiskContext())
         slots: list[int] = []
         # A sequence frees its blocks tail first: reversed, each sequence's blocks are in prefix
         # order, so consecutive ids make long copies and chains make few events.
@@ -200,33 +227,28 @@ class TieredKVCache:
                 continue
             entry, evicted = self.host.reserve(block_hash, parent_hash)
             for evicted_hash, evicted_entry in evicted:
-                self._evict_from_host(evicted_hash, evicted_entry.slot, evicted_entry.parent_hash, deletes, writes, context)
+                self._evict_from_host(evicted_hash, evicted_entry, context, disk_job)
             if entry is None:
                 self.stats.skipped_offloads += 1
                 continue
             context.block_ids.append(block_id)
             context.host_hashes.append(block_hash)
             slots.append(entry.slot)
-        # Deletions and writes read what the copies below overwrite: they go first.
-        ops: list = [*deletes, *writes]
+        ops: list = []
+        if context.host_slots:  # set aside before the copies below reuse those slots
+            ops.append(CopyBlocks(self.host.pool, context.host_slots, self._aside, context.aside_slots))
         if slots:
-            ops.append(CopyBlocks(self.device_pool, context.block_ids, self.host.pool, slots))
-        if ops:
-            job = CopyJob(ops, urgent=False, context=context, ready_event=self._device_ready_event())
+            context.to_host = CopyBlocks(self.device_pool, context.block_ids, self.host.pool, slots)
+            ops.append(context.to_host)
+        if ops or disk_job.ops:
+            job = CopyJob(ops, Lane.BACKGROUND, context, self._device_ready_event(), followup=disk_job if disk_job.ops else None)
             for block_id in context.block_ids:
                 self._reading_device[block_id] = job
             self.copier.submit(job)
         self.stats.bookkeeping_seconds += time.perf_counter() - started_s
 
-    def _evict_from_host(
-        self,
-        block_hash: BlockHash,
-        slot: int,
-        parent_hash: BlockHash | None,
-        deletes: list[DeleteFile],
-        writes: list[WriteFile],
-        context: _OffloadContext,
-    ) -> None:
+    def _evict_from_host(self, block_hash: BlockHash, entry: HostEntry, context: _OffloadContext, disk_job: CopyJob) -> None:
+        """Announce a block's eviction from host memory; queue it for disk if admitted (and the disk keeps up)."""
         self._events.append(BlockRemoved((block_hash,), HOST))
         self.stats.evicted_blocks["host"] += 1
         if self.disk is None:
@@ -237,15 +259,22 @@ class TieredKVCache:
         if self.uses.count(block_hash) < self.disk_min_uses:
             self.stats.not_admitted_blocks += 1
             return
-        entry, evicted = self.disk.reserve(block_hash, parent_hash)
+        if not self._free_aside:
+            self.stats.skipped_disk_writes += 1
+            return
+        disk_entry, evicted = self.disk.reserve(block_hash, entry.parent_hash)
         for evicted_hash in evicted:
             self._events.append(BlockRemoved((evicted_hash,), DISK))
             self.stats.evicted_blocks["disk"] += 1
-            deletes.append(DeleteFile(self.disk.path_of(evicted_hash)))
-        if entry is not None:
-            header = BlockFileHeader(block_hash, parent_hash)
-            writes.append(WriteFile(self.host.pool, slot, self.disk.path_of(block_hash), header))
+            disk_job.ops.insert(0, DeleteFile(self.disk.path_of(evicted_hash)))  # deletions before writes
+        if disk_entry is not None:
+            aside_slot = self._free_aside.pop()
+            header = BlockFileHeader(block_hash, entry.parent_hash)
+            disk_job.ops.append(WriteFile(self._aside, aside_slot, self.disk.path_of(block_hash), header))
+            disk_job.context.written.append(block_hash)
             context.disk_hashes.append(block_hash)
+            context.host_slots.append(entry.slot)
+            context.aside_slots.append(aside_slot)
 
     # -- onboard ---------------------------------------------------------------------------
 
@@ -280,7 +309,7 @@ class TieredKVCache:
                 ticket.pinned.append(self.disk.pin(block_hash))
                 reads.append(ReadFile(self.disk.path_of(block_hash), block_hash, self.device_pool, block_id))
         ops: list = [CopyBlocks(self.host.pool, host_slots, self.device_pool, host_ids)] if host_ids else []
-        self.copier.submit(CopyJob([*ops, *reads], urgent=True, context=ticket))
+        self.copier.submit(CopyJob([*ops, *reads], Lane.URGENT, context=ticket))
         self.stats.bookkeeping_seconds += time.perf_counter() - started_s
         return ticket
 
@@ -331,6 +360,8 @@ class TieredKVCache:
             self.disk.check_integrity(expect_idle)
         if expect_idle and (self._reading_device or self._unsubmitted or self.copier.num_unfinished):
             raise RuntimeError("KV tier copies are still pending")
+        if expect_idle and len(self._free_aside) != len(self._aside):
+            raise RuntimeError(f"{len(self._aside) - len(self._free_aside)} blocks set aside for disk were never written")
 
     # -- completions ---------------------------------------------------------------------------
 
@@ -343,43 +374,61 @@ class TieredKVCache:
                 job = self.copier.completed.get_nowait()
             except queue.Empty:
                 break
-            if job.urgent:
+            if job.lane is Lane.URGENT:
                 self._complete_onboard(job)
-            else:
+            elif job.lane is Lane.BACKGROUND:
                 self._complete_offload(job)
+            else:
+                self._complete_disk_job(job)
         self.stats.bookkeeping_seconds += time.perf_counter() - started_s
 
     def _complete_offload(self, job: CopyJob) -> None:
         context: _OffloadContext = job.context
-        written = iter(context.disk_hashes)
+        if job.followup_dropped:  # the blocks for disk were not copied aside: no file is written
+            for block_hash in context.disk_hashes:
+                self.disk.forget(block_hash)
+            self._free_aside.extend(context.aside_slots)
+            for op in job.followup.ops:
+                if type(op) is DeleteFile:  # the disk evictions still go
+                    self._delete_file(op.path)
+        op = context.to_host
+        if op is None:
+            return
+        stored_in_host = []
+        for block_id, block_hash in zip(context.block_ids, context.host_hashes):
+            if self._reading_device.get(block_id) is job:
+                del self._reading_device[block_id]
+            if op.ok:
+                self.host.mark_ready(block_hash)
+                stored_in_host.append((block_hash, self.host.ready(block_hash).parent_hash))
+            else:
+                self.host.forget(block_hash)
+        if stored_in_host:
+            self._emit_stored(stored_in_host, HOST)
+            self.stats.offloaded_blocks["host"] += len(stored_in_host)
+            self._count_move("host", self.stats.bytes_in, self.stats.seconds_in, len(stored_in_host), op.elapsed_s)
+
+    def _complete_disk_job(self, job: CopyJob) -> None:
+        written = iter(job.context.written)
         stored_on_disk: list[tuple[BlockHash, BlockHash | None]] = []
         for op in job.ops:
-            if type(op) is WriteFile:
-                block_hash = next(written)
-                if op.ok:
-                    self.disk.mark_ready(block_hash)
-                    stored_on_disk.append((block_hash, op.header.parent_hash))
-                    self._count_move("disk", self.stats.bytes_in, self.stats.seconds_in, 1, op.elapsed_s)
-                    self.stats.offloaded_blocks["disk"] += 1
-                else:
-                    self.disk.forget(block_hash)
-                    self.copier.submit(CopyJob([DeleteFile(op.path)], urgent=False, context=_OffloadContext([], [], [])))
-            elif type(op) is CopyBlocks:
-                stored_in_host = []
-                for block_id, block_hash in zip(context.block_ids, context.host_hashes):
-                    if self._reading_device.get(block_id) is job:
-                        del self._reading_device[block_id]
-                    if op.ok:
-                        self.host.mark_ready(block_hash)
-                        stored_in_host.append((block_hash, self.host.ready(block_hash).parent_hash))
-                    else:
-                        self.host.forget(block_hash)
-                if stored_in_host:
-                    self._emit_stored(stored_in_host, HOST)
-                    self.stats.offloaded_blocks["host"] += len(stored_in_host)
-                    self._count_move("host", self.stats.bytes_in, self.stats.seconds_in, len(stored_in_host), op.elapsed_s)
+            if type(op) is not WriteFile:
+                continue
+            block_hash = next(written)
+            self._free_aside.append(op.slot)
+            if op.ok:
+                self.disk.mark_ready(block_hash)
+                stored_on_disk.append((block_hash, op.header.parent_hash))
+                self._count_move("disk", self.stats.bytes_in, self.stats.seconds_in, 1, op.elapsed_s)
+                self.stats.offloaded_blocks["disk"] += 1
+            else:
+                self.disk.forget(block_hash)
+                self._delete_file(op.path)
         if stored_on_disk:
             self._emit_stored(stored_on_disk, DISK)
+
+    def _delete_file(self, path: Path) -> None:
+        self.copier.submit(CopyJob([DeleteFile(path)], Lane.DISK, context=_DiskContext()))
 
     def _complete_onboard(self, job: CopyJob) -> None:
         ticket: OnboardTicket = job.context
@@ -412,7 +461,7 @@ class TieredKVCache:
             self.disk.forget(block_hash)
             self._events.append(BlockRemoved((block_hash,), DISK))
             self.stats.invalid_blocks += 1
-            self.copier.submit(CopyJob([DeleteFile(self.disk.path_of(block_hash))], urgent=False, context=_OffloadContext([], [], [])))
+            self._delete_file(self.disk.path_of(block_hash))
 
     def _count_move(self, tier: str, bytes_by_tier: dict, seconds_by_tier: dict, num_blocks: int, elapsed_s: float) -> None:
         bytes_by_tier[tier] += num_blocks * self.block_bytes

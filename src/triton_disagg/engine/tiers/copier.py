@@ -1,14 +1,18 @@
 """The tiers' copy thread: moves KV blocks between the device pool, host memory and disk.
 
 The engine thread decides (which block goes where) and submits `CopyJob`s;
-one background thread runs them, so no copy or file I/O sits on the step's
-critical path. Two queues: *urgent* jobs (onboarding: a request waits on
-them) run before *background* ones (offloads, disk writes and deletions),
-between jobs. Background jobs run strictly in submission order, which is
-what lets the engine reuse a host slot or a file name at once: whatever
-still reads the old contents was submitted, so runs, first. Urgent jobs only
-read pinned entries and write blocks their own request holds, so they never
-meet a background job's bytes.
+background threads run them, so no copy or file I/O sits on the step's
+critical path. Three lanes: on the memory thread, *urgent* jobs (onboarding:
+a request waits on them) run before *background* ones (offloads to host
+memory), between jobs; the *disk* thread writes and deletes block files.
+Each lane runs its jobs strictly in submission order, which is what lets the
+engine reuse a host slot or a file name at once: whatever still reads the
+old contents was submitted, so runs, first. A block leaving host memory for
+disk is first copied aside in the background job that reuses its slot, and
+that job's `followup` (the file write) goes to the disk lane once it ran: a
+slow disk never delays an offload, so never the eviction that waits on one.
+Urgent jobs only read pinned entries and write blocks their own request
+holds, so they never meet another job's bytes.
 
 The bytes move through a `BlockMover`: `TorchMover` by default (a plain
 `memmove` between host pools, CUDA copies on a side stream, positional
@@ -20,6 +24,7 @@ flight faster than one after another.
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import queue
 import threading
@@ -99,17 +104,30 @@ class DeleteFile:
 CopyOp = CopyBlocks | WriteFile | ReadFile | DeleteFile
 
 
+class Lane(enum.Enum):
+    URGENT = "urgent"  # onboarding: memory thread, first
+    BACKGROUND = "background"  # offloads to host memory: memory thread, in order
+    DISK = "disk"  # block file writes and deletions: disk thread, in order
+
+
 @dataclass(slots=True, eq=False)
 class CopyJob:
-    """Operations run in order on the copy thread. `done` is set once all ran (each says if it succeeded)."""
+    """Operations run in order on its lane's thread. `done` is set once all ran (each says if it succeeded)."""
 
     ops: list[CopyOp]
-    urgent: bool
+    lane: Lane
     #: Whatever the submitter needs back when the job completes.
     context: object = None
     #: On CUDA: recorded on the submitter's stream, so copies out of the device pool wait for its writes.
     ready_event: object = None
+    #: Submitted by the copier once this job ran, if every op succeeded; else set `followup_dropped`.
+    followup: CopyJob | None = None
+    followup_dropped: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def urgent(self) -> bool:
+        return self.lane is Lane.URGENT
 
 
 # -- movers ----------------------------------------------------------------------------
@@ -120,6 +138,9 @@ class BlockMover(Protocol):
 
     #: How many `read_file` calls may run at once (on the copier's reader threads).
     max_parallel_reads: int
+
+    def register_pool(self, pool: torch.Tensor) -> None:
+        """A long-lived pool copies will read and write (the device pool is known from the start)."""
 
     def copy_blocks(self, op: CopyBlocks, ready_event: object) -> None:
         """Copy the blocks; raises on a transport error."""
@@ -145,6 +166,9 @@ class TorchMover:
     def __init__(self, device: torch.device):
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._local = threading.local()  # per reader thread: a pinned block for disk reads into a CUDA pool
+
+    def register_pool(self, pool: torch.Tensor) -> None:
+        pass
 
     def copy_blocks(self, op: CopyBlocks, ready_event: object) -> None:
         runs = merge_runs(op.dst_ids, op.src_ids)
@@ -181,22 +205,25 @@ class TorchMover:
 
 
 class TierCopier:
-    """Runs CopyJobs on one background thread; finished jobs come out of `completed` in the order they ended."""
+    """Runs CopyJobs on a memory thread and a disk thread; finished jobs come out of `completed` as they end."""
 
     def __init__(self, mover: BlockMover, layout: BlockFileLayout, on_done: Callable[[], None] | None = None):
         self.mover = mover
         self.layout = layout
-        #: Called on the copy thread after each job (the engine thread's wake-up).
+        #: Called on a copier thread after each job (the engine thread's wake-up).
         self.on_done = on_done
         self.completed: queue.SimpleQueue[CopyJob] = queue.SimpleQueue()
-        self._urgent: deque[CopyJob] = deque()
-        self._background: deque[CopyJob] = deque()
+        self._lanes: dict[Lane, deque[CopyJob]] = {lane: deque() for lane in Lane}
         self._num_unfinished = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kv-tier-read")
-        self._thread = threading.Thread(target=self._run, name="kv-tier-copier", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=((Lane.URGENT, Lane.BACKGROUND),), name="kv-tier-copier", daemon=True),
+            threading.Thread(target=self._run, args=((Lane.DISK,),), name="kv-tier-disk", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def num_unfinished(self) -> int:
@@ -208,35 +235,45 @@ class TierCopier:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the tier copier is closed")
-            (self._urgent if job.urgent else self._background).append(job)
+            self._lanes[job.lane].append(job)
             self._num_unfinished += 1
-            self._cond.notify()
+            self._cond.notify_all()
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
-        """Block until every submitted job is done; False on timeout."""
+        """Block until every submitted job (and its followup) is done; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._num_unfinished == 0, timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Finish the queued jobs (up to `timeout_s`), then stop the thread. Idempotent."""
+        """Finish the queued jobs (up to `timeout_s`), then stop the threads. Idempotent."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout_s)
+        deadline_s = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(deadline_s - time.monotonic(), 0.0))
         self._readers.shutdown(wait=False)
 
-    def _run(self) -> None:
+    def _run(self, lanes: tuple[Lane, ...]) -> None:
         while True:
             with self._cond:
-                while not (self._urgent or self._background or self._stopping):
+                # A stopping copier still runs the followups of the jobs it finishes.
+                while not (any(self._lanes[lane] for lane in lanes) or (self._stopping and not self._num_unfinished)):
                     self._cond.wait()
-                if not (self._urgent or self._background):
+                queued = next((self._lanes[lane] for lane in lanes if self._lanes[lane]), None)
+                if queued is None:
                     return
-                job = (self._urgent or self._background).popleft()
+                job = queued.popleft()
             self._run_job(job)
-            self.completed.put(job)
-            job.done.set()
             with self._cond:
+                if job.followup is not None:
+                    if all(op.ok for op in job.ops):
+                        self._lanes[job.followup.lane].append(job.followup)
+                        self._num_unfinished += 1
+                    else:
+                        job.followup_dropped = True
+                self.completed.put(job)
+                job.done.set()
                 self._num_unfinished -= 1
                 self._cond.notify_all()
             if self.on_done is not None:

@@ -29,7 +29,7 @@ from triton_disagg.kv_transfer.layout import merge_runs
 
 
 class NixlMover:
-    """Block moves through one private NIXL agent. Pools are registered on first use."""
+    """Block moves through one private NIXL agent, between the pools registered with it."""
 
     max_parallel_reads = 1  # one agent, driven from the copy thread only
 
@@ -39,13 +39,22 @@ class NixlMover:
         self.name = f"kv-tiers-{uuid.uuid4().hex[:8]}"
         self._agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"]))
         self._registered: dict[int, str] = {}  # data_ptr -> NIXL memory type
-        self._fallback = TorchMover(device_pool.device)  # disk reads into GPU memory go through host memory
-        self._register(device_pool)
+        # Disk reads into GPU memory (POSIX reaches host memory only) go the torch way.
+        self._fallback = TorchMover(device_pool.device)
+        self.register_pool(device_pool)
+
+    def register_pool(self, pool: torch.Tensor) -> None:
+        mem_type = "VRAM" if pool.is_cuda else "DRAM"
+        if pool.data_ptr() not in self._registered:
+            nbytes = pool.numel() * pool.element_size()
+            backends = ["UCX"] if pool.is_cuda else ["UCX", "POSIX"]
+            self._agent.register_memory([(pool.data_ptr(), nbytes, _device_id(pool), "")], mem_type, backends=backends)
+            self._registered[pool.data_ptr()] = mem_type
 
     def copy_blocks(self, op: CopyBlocks, ready_event: object) -> None:
+        src_type, dst_type = self._registered[op.src.data_ptr()], self._registered[op.dst.data_ptr()]
         if ready_event is not None:
             ready_event.synchronize()  # the step that wrote the device blocks has finished
-        src_type, dst_type = self._register(op.src), self._register(op.dst)
         block_bytes = op.src[0].numel() * op.src.element_size()
         src, dst = [], []
         for dst_start, src_start, count in merge_runs(op.dst_ids, op.src_ids):
@@ -57,7 +66,6 @@ class NixlMover:
 
     def write_file(self, op: WriteFile, layout: BlockFileLayout) -> None:
         payload = block_bytes_view(op.src, op.slot)
-        self._register(op.src)
         fd = os.open(op.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, encode_header(layout, op.header, payload), 0)
@@ -69,7 +77,6 @@ class NixlMover:
         if op.dst.is_cuda:
             self._fallback.read_file(op, layout)
             return
-        self._register(op.dst)
         fd = os.open(op.path, os.O_RDONLY)
         try:
             header, payload_crc = read_header(fd, layout)
@@ -100,15 +107,6 @@ class NixlMover:
                 raise RuntimeError(f"NIXL {operation} over {backends[0]} ended in state {state}")
         finally:
             self._agent.release_xfer_handle(handle)
-
-    def _register(self, pool: torch.Tensor) -> str:
-        mem_type = "VRAM" if pool.is_cuda else "DRAM"
-        if pool.data_ptr() not in self._registered:
-            nbytes = pool.numel() * pool.element_size()
-            backends = ["UCX"] if pool.is_cuda else ["UCX", "POSIX"]
-            self._agent.register_memory([(pool.data_ptr(), nbytes, _device_id(pool), "")], mem_type, backends=backends)
-            self._registered[pool.data_ptr()] = mem_type
-        return mem_type
 
 
 def _device_id(pool: torch.Tensor) -> int:
