@@ -244,6 +244,7 @@ def bench_transports(block_shapes: dict[str, tuple[int, ...]], num_blocks: int, 
         ids = list(range(0, 2 * num_blocks, 2))  # every other block: no two consecutive
         movers = {"torch": TorchMover(torch.device("cpu")), "nixl": NixlMover(pool)}
         for mover_name, mover in movers.items():
+            mover.register_pool(host)
             times: dict[str, list[float]] = {"device_to_host": [], "host_to_disk": [], "disk_to_device": []}
             for rep in range(repeats + 1):
                 paths = [folder / f"{label}-{mover_name}-{i}.kvblock" for i in range(num_blocks)]
