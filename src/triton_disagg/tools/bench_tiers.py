@@ -360,7 +360,7 @@ def format_tables(summary: dict, probe: dict, transports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, transports: list[dict], path: Path) -> None:
+def plot(summary: dict, probe: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,8 +376,14 @@ def plot(summary: dict, transports: list[dict], path: Path) -> None:
     axes[0].legend()
     axes[1].bar(names, [summary[n]["prefill_tokens_computed"] for n in names], color="tab:purple")
     axes[1].set_title("prompt tokens computed")
-    axes[2].bar(names, [summary[n]["itl_median_ms"] for n in names], color="tab:green")
+    x = range(len(names))
+    axes[2].bar([i - 0.2 for i in x], [summary[n]["itl_median_ms"] for n in names], width=0.4, label="multi-turn")
+    if probe:
+        axes[2].bar([i + 0.2 for i in x], [probe[n]["itl_median_ms"] for n in names], width=0.4,
+                    label="beside unique prompts (median of runs)")
+    axes[2].set_xticks(list(x), names)
     axes[2].set_title("decode ITL p50 (ms)")
+    axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "turns": {r.name: [asdict(t) | {"itls_s": None} for t in r.turns] for r in results},
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(summary, transports, args.out.with_suffix(".png"))
+    plot(summary, probe, args.out.with_suffix(".png"))
     progress(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     return 0
 
