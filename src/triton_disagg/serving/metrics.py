@@ -14,7 +14,7 @@ from dataclasses import asdict
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.llm_engine import LLMEngine
-from triton_disagg.serving.tier_metrics import TierMetrics
+from triton_disagg.serving import tier_metrics
 
 _GAUGES = {
     "triton_disagg_kv_blocks": "KV blocks in the worker's pool",
@@ -54,10 +54,10 @@ class WorkerMetrics:
         self._labels = {"model": model_name}
         self._families = {
             name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, text in _GAUGES.items()
+            for name, text in _GAUGES.items() | tier_metrics.GAUGES.items()
         } | {
             name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-            for name, text in _COUNTER_HELP.items()
+            for name, text in _COUNTER_HELP.items() | tier_metrics.COUNTERS.items()
         }
         self._gauges = {name: self._families[name].Metric(labels=self._labels) for name in _GAUGES}
         self._handoff = {
@@ -73,7 +73,7 @@ class WorkerMetrics:
         self._last_gauges: dict[str, float] = {}
         self._lock = threading.Lock()
         self._gauges["triton_disagg_kv_blocks"].set(engine.num_blocks)
-        self._tiers = TierMetrics(model_name, engine)
+        self._tiers = tier_metrics.TierMetrics(model_name, engine, self._families)
         self.refresh()
 
     def refresh(self) -> None:

@@ -15,12 +15,12 @@ import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.llm_engine import LLMEngine
 
-_GAUGES = {
+GAUGES = {
     "triton_disagg_kv_tier_blocks": "KV blocks a tier holds (device: cached prefix blocks)",
     "triton_disagg_kv_tier_capacity_blocks": "KV blocks a tier can hold",
     "triton_disagg_kv_tier_hit_ratio": "Prompt blocks found in a tier over prompt blocks looked up, since start",
 }
-_COUNTERS = {
+COUNTERS = {
     "triton_disagg_kv_tier_offloaded_blocks_total": "KV blocks copied into a tier from the tier above (0 for device)",
     "triton_disagg_kv_tier_onboarded_blocks_total": "KV blocks brought back from a tier into the device pool (0 for device)",
     "triton_disagg_kv_tier_evicted_blocks_total": "KV blocks a tier dropped to make room",
@@ -86,20 +86,14 @@ def _ratio(num_hit_blocks: int, engine: LLMEngine) -> float:
 
 
 class TierMetrics:
-    """The per-tier families of one worker. Call `refresh` on the engine thread; not thread-safe."""
+    """The per-tier series of one worker. Call `refresh` on the engine thread; not thread-safe."""
 
-    def __init__(self, model_name: str, engine: LLMEngine) -> None:
+    def __init__(self, model_name: str, engine: LLMEngine, families: dict[str, pb_utils.MetricFamily]) -> None:
+        """`families` holds a family for each name in GAUGES and COUNTERS."""
         self._engine = engine
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, text in _GAUGES.items()
-        } | {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-            for name, text in _COUNTERS.items()
-        }
         self._series = _series(engine)
         self._metrics = [
-            self._families[s.family].Metric(labels={"model": model_name, **dict(s.labels)}) for s in self._series
+            families[s.family].Metric(labels={"model": model_name, **dict(s.labels)}) for s in self._series
         ]
         self._reported: list[float] = [0.0] * len(self._series)
         self.refresh()
@@ -109,7 +103,7 @@ class TierMetrics:
             value = series.read(self._engine)
             if value == self._reported[i]:
                 continue
-            if series.family in _GAUGES:
+            if series.family in GAUGES:
                 metric.set(value)
             else:
                 metric.increment(value - self._reported[i])

@@ -278,23 +278,24 @@ class SimWorker:
         """A block evicted from the device goes to the host tier; one evicted from there to disk, if used twice."""
         if not self.host_capacity_blocks:
             return
-        if block_hash in self.host:
-            self.host.move_to_end(block_hash)
-            return
-        self.host[block_hash] = None
-        self.pending_events.append(BlockStored((block_hash,), self.parents[block_hash], (), block_size, Medium.HOST))
-        while len(self.host) > self.host_capacity_blocks:
-            demoted = self.host.popitem(last=False)[0]
-            self.pending_events.append(BlockRemoved((demoted,), Medium.HOST))
-            if not self.disk_capacity_blocks or self.uses[demoted] < self.disk_min_uses:
-                continue
-            if demoted in self.disk:
-                self.disk.move_to_end(demoted)
-                continue
-            self.disk[demoted] = None
-            self.pending_events.append(BlockStored((demoted,), self.parents[demoted], (), block_size, Medium.DISK))
-            while len(self.disk) > self.disk_capacity_blocks:
-                self.pending_events.append(BlockRemoved((self.disk.popitem(last=False)[0],), Medium.DISK))
+        for demoted in self._admit(self.host, self.host_capacity_blocks, block_hash, Medium.HOST, block_size):
+            if self.disk_capacity_blocks and self.uses[demoted] >= self.disk_min_uses:
+                self._admit(self.disk, self.disk_capacity_blocks, demoted, Medium.DISK, block_size)
+
+    def _admit(
+        self, tier: OrderedDict[BlockHash, None], capacity: int, block_hash: BlockHash, medium: Medium, block_size: int
+    ) -> list[BlockHash]:
+        """Put a block in an LRU tier (refreshed if there); returns what it evicted. Queues the events."""
+        if block_hash in tier:
+            tier.move_to_end(block_hash)
+            return []
+        tier[block_hash] = None
+        self.pending_events.append(BlockStored((block_hash,), self.parents[block_hash], (), block_size, medium))
+        evicted: list[BlockHash] = []
+        while len(tier) > capacity:
+            evicted.append(tier.popitem(last=False)[0])
+            self.pending_events.append(BlockRemoved((evicted[-1],), medium))
+        return evicted
 
     def join_running(self, request: TraceRequest) -> None:
         """After prefill: the first token exists, the rest are decoded one per step."""
