@@ -210,10 +210,16 @@ def test_other_requests_step_while_one_onboards_and_an_abort_frees_its_blocks_af
     held = list(seq.block_ids)
     assert engine.abort_request("a")
     assert all(engine.block_manager.blocks[b].ref_count == 1 for b in held)  # the copy may still write them
+    # The id is free again at once; the new request onboards the same blocks while the old copy still runs.
+    engine.add_request("a", runner.prompts["A"], PARAMS)
+    aborted = engine.step()
+    assert [out.finish_reason for out in aborted if out.request_id == "a"] == [FinishReason.ABORT]
+    assert engine.onboarding.num_active == 2
     mover.gate.set()
+    later: list = []
     while engine.has_unfinished_requests() or engine.onboarding.num_active:
-        outputs += engine.step()
-    assert [out.finish_reason for out in outputs if out.request_id == "a"] == [FinishReason.ABORT]
+        later += engine.step()
+    assert [t for out in later if out.request_id == "a" for t in out.new_token_ids] == cold["A"]
     engine.check_integrity(expect_idle=True)
     engine.close()
 

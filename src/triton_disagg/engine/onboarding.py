@@ -46,7 +46,8 @@ class Onboarding:
     def __init__(self, block_manager: BlockManager, tiers: TieredKVCache):
         self.block_manager = block_manager
         self.tiers = tiers
-        self._active: dict[str, _Onboarding] = {}
+        # By ticket, not request id: an aborted request's id may come back while its copy still runs.
+        self._active: dict[OnboardTicket, _Onboarding] = {}
 
     @property
     def num_active(self) -> int:
@@ -82,13 +83,13 @@ class Onboarding:
         first, end = len(device_hits), len(device_hits) + len(media)
         ticket = self.tiers.start_onboard(seq.request_id, hashes[first:end], media, seq.block_ids[first:end])
         seq.status = SequenceStatus.ONBOARDING
-        self._active[seq.request_id] = _Onboarding(seq, ticket, len(device_hits))
+        self._active[ticket] = _Onboarding(seq, ticket, len(device_hits))
         return OnboardStart.STARTED
 
     def abort(self, seq: Sequence) -> bool:
         """Forget an onboarding `seq`; its blocks are freed once its copy ended. False if not ours."""
-        onboarding = self._active.get(seq.request_id)
-        if onboarding is None or onboarding.seq is not seq:
+        onboarding = next((o for o in self._active.values() if o.seq is seq), None)
+        if onboarding is None:
             return False
         onboarding.is_aborted = True
         return True
@@ -98,7 +99,7 @@ class Onboarding:
         ready: list[Sequence] = []
         block_size = self.block_manager.block_size
         for ticket in self.tiers.poll():
-            onboarding = self._active.pop(ticket.request_id)
+            onboarding = self._active.pop(ticket)
             seq = onboarding.seq
             if onboarding.is_aborted:
                 self.block_manager.free(seq)
