@@ -25,7 +25,7 @@ import requests
 
 from triton_disagg.planner.connectors import POOLS, is_worker_idle, wait_until_idle
 
-#: The patch body is a JSON merge patch; the client's default for a dict body is a JSON patch, which servers refuse.
+#: Scale patches are JSON merge patches: custom resources (LeaderWorkerSet) take no strategic-merge patch.
 MERGE_PATCH = "application/merge-patch+json"
 LWS_GROUP, LWS_VERSION, LWS_PLURAL = "leaderworkerset.x-k8s.io", "v1", "leaderworkersets"
 WORKLOAD_KINDS = ("statefulset", "leaderworkerset")
