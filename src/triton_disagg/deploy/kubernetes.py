@@ -24,7 +24,6 @@ from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Role,
 SPEC_FILE = "deployment.yaml"
 #: The API group and version of LeaderWorkerSet (sigs.k8s.io/lws); its CRD must be installed.
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
-PLANNER_METRICS_PORT = 9091
 
 
 def render_manifests(spec: DeploymentSpec) -> list[dict]:
@@ -217,7 +216,7 @@ def planner_args(spec: DeploymentSpec, model: ModelSpec, entry_host: str) -> lis
         "--interval-s", f"{planner.interval_s:g}",
         "--ttft-ms", f"{planner.ttft_ms:g}",
         "--itl-ms", f"{planner.itl_ms:g}",
-        "--planner-port", str(PLANNER_METRICS_PORT),
+        "--planner-port", str(planner.metrics_port),
     ]  # fmt: skip
     if planner.profile:
         args += ["--profile", planner.profile]
@@ -256,7 +255,7 @@ def _planner_deployment(spec: DeploymentSpec, model: ModelSpec, names: Names, po
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": pods.planner_template(
-                labels, planner_args(spec, model, names.entry), PLANNER_METRICS_PORT, names.planner_account
+                labels, planner_args(spec, model, names.entry), model.planner.metrics_port, names.planner_account
             ),
         },
     }

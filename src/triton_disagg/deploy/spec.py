@@ -249,6 +249,8 @@ class PlannerSettings(_Spec):
     itl_ms: Annotated[float, Field(gt=0)] = 50.0
     #: Devices all of this model's workers may hold; None: the sum of the pools' maxima.
     device_budget: Annotated[int, Field(ge=1)] | None = None
+    #: Port of the planner's own metrics page.
+    metrics_port: Port = 9091
 
     @model_validator(mode="after")
     def _profile_for_slo(self) -> PlannerSettings:

@@ -160,6 +160,7 @@ def _planner_args(model: ModelSpec, server: ServerConfig) -> tuple[str, ...] | N
         "--interval-s", f"{planner.interval_s:g}",
         "--ttft-ms", f"{planner.ttft_ms:g}",
         "--itl-ms", f"{planner.itl_ms:g}",
+        "--planner-port", str(planner.metrics_port),
     ]  # fmt: skip
     if planner.profile:
         args += ["--profile", planner.profile]

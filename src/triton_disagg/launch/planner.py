@@ -15,9 +15,6 @@ import requests
 from triton_disagg.launch.server import ChildProcess, ServerError
 from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_HEADER
 
-#: The planner's metrics port when its arguments do not set one.
-DEFAULT_PLANNER_PORT = 9091
-
 
 class PlannerProcess(ChildProcess):
     """`triton-disagg plan ARGS` in a child process; ready once its metrics page answers.
@@ -34,8 +31,8 @@ class PlannerProcess(ChildProcess):
 
     @property
     def metrics_url(self) -> str:
-        port = int(self.args[self.args.index("--planner-port") + 1]) if "--planner-port" in self.args else DEFAULT_PLANNER_PORT
-        return f"http://localhost:{port}/metrics"
+        """The planner's metrics page (its arguments name the port: --planner-port)."""
+        return f"http://localhost:{self.args[self.args.index('--planner-port') + 1]}/metrics"
 
     def start(self) -> None:
         env = dict(os.environ)
