@@ -205,22 +205,14 @@ def _planner_rbac(spec: DeploymentSpec, names: Names) -> list[dict]:
 def planner_args(spec: DeploymentSpec, model: ModelSpec, entry_host: str) -> list[str]:
     """`triton-disagg plan` arguments for one model's planner on Kubernetes (entry_host: the entry Service)."""
     server = spec.entry_server
-    planner = model.planner
     args = [
         "plan",
         "--connector", "kubernetes",
         "--namespace", spec.kubernetes.namespace,
-        "--policy", planner.policy,
         "--http-url", f"http://{entry_host}:{server.http_port}",
         "--metrics-url", f"http://{entry_host}:{server.metrics_port}/metrics",
-        "--interval-s", f"{planner.interval_s:g}",
-        "--ttft-ms", f"{planner.ttft_ms:g}",
-        "--itl-ms", f"{planner.itl_ms:g}",
-        "--planner-port", str(planner.metrics_port),
+        *planner_policy_args(model),
     ]  # fmt: skip
-    if planner.profile:
-        args += ["--profile", planner.profile]
-    args += pool_bound_args(model)
     # The pools' pods in their headless Services; the template is filled in by the connector per worker.
     (decode,) = model.pools_of(Role.DECODE, Role.AGGREGATED)
     metrics_port = spec.pool_server(decode).metrics_port
@@ -232,16 +224,26 @@ def planner_args(spec: DeploymentSpec, model: ModelSpec, entry_host: str) -> lis
     return args
 
 
-def pool_bound_args(model: ModelSpec) -> list[str]:
-    """The planner's pool bounds and device budget from a model's pools (prefill bounds 0 without a prefill pool)."""
+def planner_policy_args(model: ModelSpec) -> list[str]:
+    """The `plan` arguments a model's planner settings and pools give, wherever it runs: policy, targets,
+    pool bounds (prefill bounds 0 without a prefill pool), devices per worker and the device budget."""
+    planner = model.planner
+    args = [
+        "--policy", planner.policy,
+        "--interval-s", f"{planner.interval_s:g}",
+        "--ttft-ms", f"{planner.ttft_ms:g}",
+        "--itl-ms", f"{planner.itl_ms:g}",
+        "--planner-port", str(planner.metrics_port),
+    ]  # fmt: skip
+    if planner.profile:
+        args += ["--profile", planner.profile]
     bounds = {"prefill": (0, 0, 1), "decode": (0, 0, 1)}
     for pool in model.pools:
         bounds[pool.role.template] = (pool.replicas.min, pool.replicas.num_max, max(1, pool.resources.gpus))
-    budget = model.planner.device_budget or sum(high * devices for _, high, devices in bounds.values())
-    args = []
     for name, (low, high, devices) in bounds.items():
         args += [f"--min-{name}-workers", str(low), f"--max-{name}-workers", str(high)]
         args += [f"--devices-per-{name}-worker", str(devices)]
+    budget = planner.device_budget or sum(high * devices for _, high, devices in bounds.values())
     return args + ["--device-budget", str(budget)]
 
 

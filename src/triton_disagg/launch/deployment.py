@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from triton_disagg.deploy.kubernetes import pool_bound_args
+from triton_disagg.deploy.kubernetes import planner_policy_args
 from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, Role
 from triton_disagg.frontend.config import FrontendConfig
 from triton_disagg.launch.server import DEFAULT_RUN_DIR, ServerConfig
@@ -147,24 +147,16 @@ def local_deployment(
 
 
 def _planner_args(model: ModelSpec, server: ServerConfig) -> tuple[str, ...] | None:
-    planner = model.planner
-    if planner.policy == "off":
+    if model.planner.policy == "off":
         return None
-    args = [
+    return (
         "plan",
         "--connector", "triton",
-        "--policy", planner.policy,
         "--http-url", server.http_url,
         "--metrics-url", server.metrics_url,
         "--model-repository", str(Path(server.run_dir) / "model_repository"),
-        "--interval-s", f"{planner.interval_s:g}",
-        "--ttft-ms", f"{planner.ttft_ms:g}",
-        "--itl-ms", f"{planner.itl_ms:g}",
-        "--planner-port", str(planner.metrics_port),
-    ]  # fmt: skip
-    if planner.profile:
-        args += ["--profile", planner.profile]
-    return tuple(args + pool_bound_args(model))
+        *planner_policy_args(model),
+    )  # fmt: skip
 
 
 def add_deployment_flags(flag) -> None:
