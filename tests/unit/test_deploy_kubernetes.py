@@ -20,7 +20,7 @@ import yaml
 from triton_disagg.cli.main import _build_parser, main
 from triton_disagg.deploy.kubernetes import render_manifests
 from triton_disagg.deploy.pods import divide_quantity
-from triton_disagg.deploy.spec import SpecError, load_spec, parse_spec
+from triton_disagg.deploy.load import SpecError, load_spec, parse_spec
 
 #: Worker ids come from the pod-index label, which Kubernetes sets from 1.28 on.
 KUBERNETES_VERSION = "1.30.0"

@@ -10,7 +10,7 @@ import yaml
 
 from triton_disagg.cli.deploy import deployment_for_serve
 from triton_disagg.cli.main import _build_parser
-from triton_disagg.deploy.spec import load_spec, parse_spec
+from triton_disagg.deploy.load import load_spec, parse_spec
 from triton_disagg.launch.deployment import NotSupportedYet, check_runs_on_one_machine, local_deployment
 from triton_disagg.launch.server import ServerConfig, _address_args
 

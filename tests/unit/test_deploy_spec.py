@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from triton_disagg.cli.main import main
-from triton_disagg.deploy.spec import DeploymentSpec, Role, SpecError, dump_spec, load_spec, parse_spec
+from triton_disagg.deploy.load import SpecError, dump_spec, load_spec, parse_spec
+from triton_disagg.deploy.spec import DeploymentSpec, Role
 
 EXAMPLES_DIR = Path(__file__).parents[2] / "docker" / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from triton_disagg.deploy.kubernetes import render_manifests
 from triton_disagg.deploy.render import write_manifests
-from triton_disagg.deploy.spec import DeploymentSpec, SpecError, load_spec
+from triton_disagg.deploy.load import SpecError, load_spec
+from triton_disagg.deploy.spec import DeploymentSpec
 from triton_disagg.launch.deployment import LocalDeployment, check_runs_on_one_machine, local_deployment
 
 

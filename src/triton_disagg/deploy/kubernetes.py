@@ -19,7 +19,8 @@ the launcher starts `tritonserver --model-control-mode=explicit`.
 from __future__ import annotations
 
 from triton_disagg.deploy.pods import PodBuilder, labels_of
-from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Role, SpecError, dump_spec
+from triton_disagg.deploy.load import SpecError, dump_spec
+from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Role
 
 SPEC_FILE = "deployment.yaml"
 #: The API group and version of LeaderWorkerSet (sigs.k8s.io/lws); its CRD must be installed.

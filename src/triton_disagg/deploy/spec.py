@@ -6,9 +6,9 @@ worker pools (role, replicas, parallelism, resources, placement, KV). The same
 file runs on one machine (`triton-disagg serve --deployment FILE`) and renders
 to Kubernetes manifests (`triton-disagg deploy render FILE --out DIR`).
 
-`load_spec` reads and validates a file; every problem is reported with the path
-of the field it is about (`models[0].pools[1].replicas.min: ...`), unknown
-fields included. Defaults run on a laptop CPU.
+The models here validate each field and the references between them;
+`triton_disagg.deploy.load` reads a file and reports every problem with the
+path of its field. Defaults run on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 #: A DNS-1035 label: what Kubernetes accepts as the name of a Service (the strictest of the names used).
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -27,10 +26,6 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_WORKLOAD_NAME_CHARS = 52
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|[KMGTPE]i?)?$")
 _ANY_ADDRESS = ("0.0.0.0", "::")
-
-
-class SpecError(ValueError):
-    """A deployment spec that cannot be used; the message names the file and every bad field."""
 
 
 def _quantity(value: object) -> object:
@@ -411,44 +406,3 @@ def _port_clashes(spec: DeploymentSpec) -> list[str]:
             if overlap and port == other_port and where != other:
                 problems.append(f"{where}: port {port} on {address} is also taken by {other}")
     return problems
-
-
-def parse_spec(data: object, source: str = "spec") -> DeploymentSpec:
-    """Validate already-parsed YAML; SpecError lists every problem as `field.path: message`."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: the top level must be a mapping with at least `models`")
-    try:
-        return DeploymentSpec.model_validate(data)
-    except ValidationError as error:
-        raise SpecError(f"{source}: invalid deployment spec\n" + "\n".join(_describe(e) for e in error.errors())) from None
-
-
-def load_spec(path: str | Path) -> DeploymentSpec:
-    """Read and validate a spec file. Raises SpecError naming the file and each bad field."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read the deployment spec ({error.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(data, str(path))
-
-
-def dump_spec(spec: DeploymentSpec) -> str:
-    """The spec as YAML with every default spelled out (what a ConfigMap carries); parses back equal."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def _describe(error: dict) -> str:
-    path = ""
-    for part in error["loc"]:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field (a typo?)"
-    if not path:
-        return message
-    return "\n".join(f"{path}: {line}" for line in message.splitlines())
