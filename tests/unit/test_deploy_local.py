@@ -133,3 +133,12 @@ def test_serve_flags_pick_the_model_spec_then_flag(tmp_path):
     assert deployment_for_serve(args).server.model_path == tmp_path / "from-spec"
     args = _build_parser().parse_args(["serve", "--deployment", str(spec_path), "--model", str(tmp_path / "flag")])
     assert deployment_for_serve(args).server.model_path == tmp_path / "flag"
+
+
+def test_serve_exits_naming_what_it_cannot_run(capsys):
+    from triton_disagg.cli.main import main
+
+    assert main(["serve", "--deployment", str(EXAMPLES_DIR / "local-multi-server.yaml")]) == 1
+    assert "servers: 3 Triton servers; serving across several servers is not supported yet" in capsys.readouterr().err
+    assert main(["serve", "--component", "entry"]) == 1
+    assert "--component and --worker-id name a part of a deployment: pass --deployment FILE too" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     planner = None
+    if (args.component or args.worker_id is not None) and not args.deployment:
+        raise ValueError("--component and --worker-id name a part of a deployment: pass --deployment FILE too")
     if args.deployment:
         from triton_disagg.cli.deploy import deployment_for_serve
 
