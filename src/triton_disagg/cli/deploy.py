@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from triton_disagg.cli.plan import _parse_bool
 from triton_disagg.deploy.kubernetes import render_manifests
 from triton_disagg.deploy.render import write_manifests
 from triton_disagg.deploy.load import SpecError, load_spec
 from triton_disagg.deploy.spec import DeploymentSpec
 from triton_disagg.launch.deployment import LocalDeployment, check_runs_on_one_machine, local_deployment
+from triton_disagg.launch.flags import EnvFlags
 
 
 def add_deploy_parser(commands) -> None:
@@ -21,9 +23,15 @@ def add_deploy_parser(commands) -> None:
     check_parser.set_defaults(run=check)
     render_parser = actions.add_parser("render", help="write the Kubernetes manifests of a spec")
     render_parser.add_argument("file", metavar="FILE", help="deployment spec (YAML)")
-    render_parser.add_argument("--out", metavar="DIR", required=True, help="directory for the manifests (created)")
-    render_parser.add_argument(
-        "--single-file", action="store_true", help="one multi-document manifests.yaml instead of one file per kind"
+    flag = EnvFlags(render_parser)
+    flag("--out", metavar="DIR", default=None, help="directory for the manifests (created; required)")
+    flag(
+        "--single-file",
+        type=_parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="one multi-document manifests.yaml instead of one file per kind",
     )
     render_parser.set_defaults(run=render)
 
@@ -46,6 +54,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def render(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise ValueError("deploy render needs --out DIR (or TRITON_DISAGG_OUT)")
     spec = load_spec(args.file)
     for path in write_manifests(spec, Path(args.out), single_file=args.single_file):
         print(path)
