@@ -2,7 +2,7 @@
 
 The entry server's router and a worker's metrics page are a small HTTP stand-in
 here too (its drain, inflight and undrain actions and the idle gauges); the
-end-to-end test (tests/e2e/test_planner_kubernetes.py) runs the connector
+end-to-end test (tests/e2e/test_kubernetes_scaling.py) runs the connector
 against a real Triton server.
 """
 

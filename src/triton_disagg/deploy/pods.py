@@ -65,7 +65,7 @@ class PodBuilder:
     def _serve_args(self, component: str) -> list[str]:
         return ["serve", "--deployment", f"{SPEC_DIR}/deployment.yaml", "--component", component]
 
-    def _container(self, args: list[str], ports: list[dict], resources: dict, mounts: list[dict]) -> dict:
+    def _container(self, args: list[str], ports: list[dict], resources: dict) -> dict:
         k8s = self.spec.kubernetes
         container = {
             "name": "triton-disagg",
@@ -73,7 +73,7 @@ class PodBuilder:
             "imagePullPolicy": k8s.image_pull_policy,
             "args": args,
             "ports": ports,
-            "volumeMounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, *mounts],
+            "volumeMounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}],
         }
         if resources:
             container["resources"] = resources
@@ -107,7 +107,7 @@ class PodBuilder:
         """The entry server (llm, routers, KV directory) with the OpenAI frontend in the same container."""
         spec = self.spec
         ports = self._triton_ports(spec.entry_server)
-        container = self._container(self._serve_args("entry"), ports, _resources(spec.frontend.resources), [])
+        container = self._container(self._serve_args("entry"), ports, _resources(spec.frontend.resources))
         if spec.frontend.port:
             ports.insert(0, {"name": "openai", "containerPort": spec.frontend.port})
             # /health answers 200 once Triton and `llm` are ready; /live while the frontend runs.
@@ -133,7 +133,6 @@ class PodBuilder:
             self._serve_args(f"{model.name}/{pool.pool_name}"),
             self._triton_ports(server),
             _resources(pool.resources, nodes),
-            [],
         )
         container["env"] = [{"name": WORKER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": index_field}}}]
         if nodes == 1 or is_leader:
@@ -168,7 +167,6 @@ class PodBuilder:
             args,
             [{"name": "planner-metrics", "containerPort": metrics_port}],
             {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
-            [],
         )
         container["livenessProbe"] = _http_probe("/metrics", "planner-metrics", 30, 3)
         return self._pod(labels, [container], [], serviceAccountName=service_account)
