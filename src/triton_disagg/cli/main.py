@@ -6,6 +6,7 @@
     profile     measure prefill and decode on the engine; the profile the SLO planner reads
     plan        grow and shrink a running server's pools (load or SLO policy)
     bench       measure deployments through the OpenAI API with AIPerf
+    expert-load the expert loads and placements of a running server's MoE workers (JSON)
 
 Every flag can also be set through an environment variable, named in --help
 (TRITON_DISAGG_<FLAG>); a flag on the command line wins.
@@ -206,6 +207,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     plan_parser.set_defaults(run=plan)
     add_plan_flags(EnvFlags(plan_parser))
+
+    from triton_disagg.cli.expert_load import add_expert_load_flags, expert_load
+
+    expert_load_parser = commands.add_parser(
+        "expert-load", help="the expert loads and placements of a running server's MoE workers, as JSON"
+    )
+    expert_load_parser.set_defaults(run=expert_load)
+    add_expert_load_flags(EnvFlags(expert_load_parser))
 
     from triton_disagg.tools.bench import add_bench_flags, bench
 

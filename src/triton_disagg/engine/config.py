@@ -152,3 +152,13 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.eplb_redundant_experts < 0 or self.eplb_interval < 0:
+            raise ValueError("eplb_redundant_experts and eplb_interval must be >= 0")
+        if self.eplb_window < 1:
+            raise ValueError(f"eplb_window must be >= 1 step, got {self.eplb_window}")
+        if not 0.0 < self.eplb_threshold <= 1.0:
+            raise ValueError(f"eplb_threshold must be in (0, 1], got {self.eplb_threshold}")
+        if self.ep_size == 1 and (self.eplb_redundant_experts or self.eplb_interval):
+            raise ValueError("eplb_redundant_experts and eplb_interval balance experts over ranks: set ep_size > 1 too")

@@ -178,19 +178,10 @@ class EplbState:
 
 
 def validate_expert_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
-    """Raise ValueError naming the setting when the expert-parallel settings cannot serve this model."""
-    if config.ep_size < 1:
-        raise ValueError(f"ep_size must be >= 1, got {config.ep_size}")
+    """Raise ValueError naming the setting when the expert-parallel settings cannot serve this model
+    (the model-independent ranges are `EngineConfig.validate`'s)."""
     if config.ep_size > 1 and not model_config.is_moe:
         raise ValueError(f"ep_size {config.ep_size} needs an MoE checkpoint; {config.model_path} is a dense {model_config.model_type}")
-    if config.eplb_redundant_experts < 0 or config.eplb_interval < 0:
-        raise ValueError("eplb_redundant_experts and eplb_interval must be >= 0")
-    if config.ep_size == 1 and (config.eplb_redundant_experts or config.eplb_interval):
-        raise ValueError("eplb_redundant_experts and eplb_interval balance experts over ranks: set ep_size > 1 too")
-    if not 0.0 < config.eplb_threshold <= 1.0:
-        raise ValueError(f"eplb_threshold must be in (0, 1], got {config.eplb_threshold}")
-    if config.eplb_window < 1:
-        raise ValueError(f"eplb_window must be >= 1 step, got {config.eplb_window}")
     if not model_config.is_moe:
         return
     num_experts, ep_size = model_config.num_experts, config.ep_size

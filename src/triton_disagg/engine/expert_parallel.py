@@ -279,6 +279,8 @@ class ExpertParallelGroup:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         store_path = os.path.join(self._store_dir, "rendezvous")
         threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        if self.device.type == "cpu":  # the ranks share this machine's cores: one share each, rank 0 included
+            torch.set_num_threads(threads)
         deadline_s = time.monotonic() + startup_timeout_s
         try:
             for rank in range(1, self.world_size):

@@ -7,9 +7,12 @@ token routed to an expert to replica `j mod replicas`, so replicas share its
 load evenly. Every rank runs its own slots on the tokens routed to them
 (`ExpertSlots`) and the partial outputs are summed (`ExpertExchange`).
 
-Each slot computes exactly what `MixtralExpert` computes on the same rows, and
-a token's partial outputs hold at most its own experts' terms, so with top-2
-routing the sum is bit-identical to the single-rank layer.
+Each slot computes what `MixtralExpert` computes on the same rows, and a
+token's partial outputs hold only its own experts' terms, so with top-2
+routing and one replica per expert the sum is bit-identical to the single-rank
+layer. With replicas an expert's rows are split over them, and a matmul over
+fewer rows may round differently in the last bits; greedy tokens stay the same
+in the tests.
 """
 
 from __future__ import annotations
