@@ -41,7 +41,8 @@ class ExpertLoadWindow:
         return self._ring.sum(dim=0).cpu()
 
     def total_load(self) -> torch.Tensor:  # (L, E) int64, CPU
-        return self._total.cpu()
+        """Tokens per layer and logical expert since start (a copy)."""
+        return self._total.to("cpu", copy=True)
 
     @property
     def num_window_steps(self) -> int:

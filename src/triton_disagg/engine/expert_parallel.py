@@ -19,8 +19,9 @@ stdout:
 Per MoE layer and step, rank 0 sends FORWARD, broadcasts the step's hidden
 states with their slots and routing weights, runs its own slots while the
 others run theirs, and reduces the partial outputs (`ExpertParallelGroup.combine`).
-A weight move (`move_layer`) broadcasts each moved expert from a rank that holds
-it; every rank derives the same list of moves from the old and new placement.
+A weight move (`move_layer`) sends each moved expert from a rank that holds it to
+the rank that needs it; every rank derives the same moves from the old and new
+placement.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ COLLECTIVE_TIMEOUT_S = 300.0
 
 
 class ExpertComm:
-    """The tensor plane of one rank: broadcast, reduce and nothing else, over gloo (CPU) or NCCL (CUDA)."""
+    """The tensor plane of one rank over gloo (CPU) or NCCL (CUDA): broadcast and reduce for tokens,
+    point-to-point for weight moves."""
 
     def __init__(self, store_path: str, rank: int, world_size: int, device: torch.device, timeout_s: float):
         store = torch.distributed.FileStore(store_path, world_size)
@@ -86,6 +88,17 @@ class ExpertComm:
         options.reduceOp = torch.distributed.ReduceOp.SUM
         self._group.reduce([tensor], options).wait()
 
+    def barrier(self) -> None:
+        self._group.barrier().wait()
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send `tensor` to rank `dst` (gloo: returns once sent; NCCL: once queued on the stream)."""
+        self._group.send([tensor], dst, 0).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        """Fill `tensor` (its size must match what `src` sends) from rank `src`."""
+        self._group.recv([tensor], src, 0).wait()
+
     def close(self) -> None:
         shutdown = getattr(self._group, "shutdown", None)
         if shutdown is not None and self._group.name() == "nccl":
@@ -95,26 +108,33 @@ class ExpertComm:
 def move_slot_weights(comm: ExpertComm, slots: ExpertSlots, old_row: list[int], new_row: list[int], slots_per_rank: int) -> int:
     """Every rank's part of one layer's weight move from `old_row` to `new_row`; returns slots this rank filled.
 
-    All ranks call it with the same rows. Each moved expert is broadcast by the rank
-    that holds it; receivers stage what they get and overwrite their slots only after
-    every transfer, since a source slot may be another move's destination.
+    All ranks call it with the same rows, so all derive the same moves. What one rank
+    sends another goes as one message, and the pairs take turns in one global order
+    (lowest pair first): the lowest pair not done always has both ends waiting on
+    each other, so blocking sends and receives cannot deadlock. Receivers stage what
+    they get and overwrite their slots only at the end, since a source slot may be
+    another move's destination.
     """
     rank = comm.rank
     staged: list[tuple[int, torch.Tensor]] = []
-    numel = slots.packed(0).numel()
+    by_pair: dict[tuple[int, int], list] = {}
     for move in plan_weight_moves(old_row, new_row, slots_per_rank):
-        src_rank, dst_rank = move.src_slot // slots_per_rank, move.dst_slot // slots_per_rank
-        src_local, dst_local = move.src_slot % slots_per_rank, move.dst_slot % slots_per_rank
-        if src_rank == dst_rank:
-            if rank == dst_rank:
-                staged.append((dst_local, slots.packed(src_local)))
-            continue
-        buffer = slots.packed(src_local) if rank == src_rank else torch.empty(numel, dtype=slots.w1.dtype, device=slots.w1.device)
-        comm.broadcast(buffer, root=src_rank)
-        if rank == dst_rank:
-            staged.append((dst_local, buffer))
+        pair = (move.src_slot // slots_per_rank, move.dst_slot // slots_per_rank)
+        if pair == (rank, rank):
+            staged.append((move.dst_slot % slots_per_rank, slots.packed(move.src_slot % slots_per_rank)))
+        elif rank in pair:
+            by_pair.setdefault(pair, []).append(move)
+    numel = slots.packed(0).numel()
+    for (src, dst), moves in sorted(by_pair.items()):
+        if rank == src:
+            comm.send(torch.cat([slots.packed(m.src_slot % slots_per_rank) for m in moves]), dst)
+        else:
+            buffer = torch.empty(len(moves) * numel, dtype=slots.w1.dtype, device=slots.w1.device)
+            comm.recv(buffer, src)
+            staged += [(m.dst_slot % slots_per_rank, flat) for m, flat in zip(moves, buffer.split(numel))]
     for local, flat in staged:
         slots.unpack_into(local, flat)
+    comm.barrier()  # the move is over when every rank has its weights, not when rank 0 has
     return len(staged)
 
 
