@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from triton_disagg.cli.main import main as cli_main
 from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import SamplingParams
+from triton_disagg.model_control import ModelControl
 
 from tests.e2e.conftest import Client, _start
 
@@ -109,3 +111,38 @@ def test_a_dense_worker_has_no_expert_load(client):
     response = requests.post(f"{client.server.http_url}/v2/models/decode_0/generate", json={"dump_expert_load": True}, timeout=30)
     assert response.status_code == 400
     assert "dense model" in response.text
+
+
+def test_unloading_the_worker_stops_its_ranks(moe):
+    """Last in this module: it unloads the worker."""
+    ranks = expert_ranks_of(moe.server.run_dir / "model_repository" / "decode_0")
+    assert len(ranks) == 1  # ep_size 2: the worker's engine and one child rank
+    control = ModelControl(moe.server.http_url)
+    try:
+        control.unload("decode_0")
+    finally:
+        control.close()
+    deadline_s = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline_s:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+
+
+def expert_ranks_of(worker_dir: Path) -> list[int]:
+    """Pids of the expert-parallel ranks whose parent is the Python backend stub serving `worker_dir`."""
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and "triton_disagg.engine.expert_rank" in cmdline(entry.name):
+            try:
+                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except OSError:
+                continue
+            if str(worker_dir) in cmdline(parent):
+                ranks.append(int(entry.name))
+    return ranks
