@@ -198,6 +198,16 @@ def test_live_rebalancing_follows_the_interval(tiny_moe_model, reference):
         engine.shutdown()
 
 
+def test_expert_token_series_stay_bounded(tiny_moe_model):
+    engine = make_engine(tiny_moe_model)
+    engine.generate(BATCH[:1], SamplingParams(max_tokens=2, ignore_eos=True))
+    snapshot = engine.eplb.snapshot()
+    per_pair = snapshot.total_tokens_by_label(max_series=16)  # 4 layers x 4 experts fit
+    assert len(per_pair) == 16 and per_pair[("2", "3")] == snapshot.total_load[2][3]
+    per_expert = snapshot.total_tokens_by_label(max_series=15)
+    assert per_expert == {("all", str(e)): sum(row[e] for row in snapshot.total_load) for e in range(4)}
+
+
 def test_a_rank_that_cannot_start_is_named(tiny_moe_model):
     model = load_model(tiny_moe_model, torch.device("cpu"), torch.float32)
     group = ExpertParallelGroup("/nonexistent/checkpoint", initial_placement(4, 4, 4, 2), torch.device("cpu"), torch.float32, 128, 2)

@@ -62,6 +62,14 @@ class ExpertLoadSnapshot:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def total_tokens_by_label(self, max_series: int) -> dict[tuple[str, str], int]:
+        """Total tokens by (layer, expert) label values; per expert summed over layers (`layer="all"`)
+        when there would be more than `max_series` pairs."""
+        totals = self.total_load
+        if self.num_layers * self.num_experts <= max_series:
+            return {(str(layer), str(e)): row[e] for layer, row in enumerate(totals) for e in range(len(row))}
+        return {("all", str(e)): sum(row[e] for row in totals) for e in range(self.num_experts)}
+
 
 class EplbState:
     """Expert load statistics of an MoE model, and, with `ep_size > 1`, its expert-parallel group.

@@ -13,9 +13,8 @@ from __future__ import annotations
 import threading
 import time
 
-import triton_python_backend_utils as pb_utils
-
 from triton_disagg.engine.eplb_state import EplbState, ExpertLoadSnapshot
+from triton_disagg.serving.metrics import metric_families
 
 MAX_EXPERT_SERIES = 4096
 REFRESH_INTERVAL_S = 1.0
@@ -40,13 +39,7 @@ class MoeMetrics:
         self._eplb = eplb
         self._model_name = model_name
         self._labels = {"model": model_name}
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-            for name, text in _COUNTERS.items()
-        } | {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, text in _GAUGES.items()
-        }
+        self._families = metric_families(gauges=_GAUGES, counters=_COUNTERS)
         self._metrics: dict[tuple, object] = {}
         self._reported: dict[tuple, float] = {}
         self._lock = threading.Lock()
@@ -77,7 +70,7 @@ class MoeMetrics:
     def _publish(self, snapshot: ExpertLoadSnapshot) -> None:
         stats = snapshot.stats
         with self._lock:
-            for (layer, expert), total in _expert_series(snapshot).items():
+            for (layer, expert), total in snapshot.total_tokens_by_label(MAX_EXPERT_SERIES).items():
                 self._set_counter("triton_disagg_moe_expert_tokens_total", total, layer=layer, expert=expert)
             self._set_counter("triton_disagg_eplb_rearrangements_total", stats.num_rearrangements)
             self._set_counter("triton_disagg_eplb_rearrangement_seconds_total", stats.rearrangement_s)
@@ -107,10 +100,3 @@ class MoeMetrics:
             metric.set(value)
             self._reported[key] = value
 
-
-def _expert_series(snapshot: ExpertLoadSnapshot) -> dict[tuple[str, str], int]:
-    """Total tokens by (layer, expert) label values; per expert over `layer="all"` when there would be too many series."""
-    totals = snapshot.total_load
-    if snapshot.num_layers * snapshot.num_experts <= MAX_EXPERT_SERIES:
-        return {(str(layer), str(e)): row[e] for layer, row in enumerate(totals) for e in range(len(row))}
-    return {("all", str(e)): sum(row[e] for row in totals) for e in range(snapshot.num_experts)}
