@@ -210,7 +210,7 @@ def test_expert_token_series_stay_bounded(tiny_moe_model):
 
 def test_a_rank_that_cannot_start_is_named(tiny_moe_model):
     model = load_model(tiny_moe_model, torch.device("cpu"), torch.float32)
-    group = ExpertParallelGroup("/nonexistent/checkpoint", initial_placement(4, 4, 4, 2), torch.device("cpu"), torch.float32, 128, 2)
+    group = ExpertParallelGroup("/nonexistent/checkpoint", initial_placement(4, 4, 4, 2), torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="rank 1 failed to start: ValueError: model path /nonexistent/checkpoint has no config.json"):
         group.start(model)
     assert all(not _is_alive(pid) for pid in group.pids)

@@ -93,11 +93,8 @@ class EplbState:
         self._target: ExpertPlacement | None = None
         self._pending_layers: list[int] = []
         self._steps_since_check = 0
-        self._check_requested = False
         if config.ep_size > 1:
-            self.group = ExpertParallelGroup(
-                config.model_path, self.placement, device, dtype, model_config.hidden_size, self.top_k
-            )
+            self.group = ExpertParallelGroup(config.model_path, self.placement, device, dtype)
             self.group.start(model)
 
     @property
@@ -126,21 +123,10 @@ class EplbState:
         self.window.record(self.model.expert_token_counts())
         self._steps_since_check += 1
         interval = self.config.eplb_interval
-        is_due = self._check_requested or (interval > 0 and self._steps_since_check >= interval)
-        if self.group is None or self._pending_layers or not is_due:
+        if self.group is None or self._pending_layers or interval == 0 or self._steps_since_check < interval:
             return
         self._steps_since_check = 0
-        self._check_requested = False
-        self.apply(self.decide())
-
-    def request_rebalance(self) -> None:
-        """Check the balance after the next step, whatever the interval (rearranging only if it pays)."""
-        self._check_requested = True
-
-    def decide(self, threshold: float | None = None) -> RebalanceDecision:
-        """What the current window calls for (pure; reads the window to the host)."""
-        threshold = self.config.eplb_threshold if threshold is None else threshold
-        return decide_rebalance(self.window.window_load(), self.placement, threshold)
+        self.apply(decide_rebalance(self.window.window_load(), self.placement, self.config.eplb_threshold))
 
     def apply(self, decision: RebalanceDecision) -> None:
         """Start moving to `decision.placement` (layer by layer, from the next step boundary)."""
@@ -153,9 +139,6 @@ class EplbState:
         )
         self._target = decision.placement
         self._pending_layers = list(decision.changed_layers)
-
-    def balancedness(self) -> torch.Tensor:  # (L,) float64
-        return self.placement.balancedness(self.window.window_load())
 
     def snapshot(self) -> ExpertLoadSnapshot:
         """The current loads, placement and stats as plain values (syncs with the device)."""

@@ -25,6 +25,7 @@ class ExpertLoadWindow:
         self.window_steps = window_steps
         self._ring = torch.zeros(window_steps, num_layers, num_experts, dtype=torch.int64, device=device)
         self._total = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
+        self._window_sum = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         self._last_cumulative: torch.Tensor | None = None
         self.num_steps = 0
 
@@ -32,13 +33,15 @@ class ExpertLoadWindow:
         """Take the model's cumulative counts `(L, E)`; the increase since the last call is one step's load."""
         step = cumulative_counts if self._last_cumulative is None else cumulative_counts - self._last_cumulative
         self._last_cumulative = cumulative_counts.clone()
-        self._ring[self.num_steps % self.window_steps] = step
+        slot = self.num_steps % self.window_steps
+        self._window_sum += step - self._ring[slot]  # the step leaving the window goes out of the sum
+        self._ring[slot] = step
         self._total += step
         self.num_steps += 1
 
     def window_load(self) -> torch.Tensor:  # (L, E) int64, CPU
-        """Tokens per layer and logical expert over the last `window_steps` steps."""
-        return self._ring.sum(dim=0).cpu()
+        """Tokens per layer and logical expert over the last `window_steps` steps (a copy)."""
+        return self._window_sum.to("cpu", copy=True)
 
     def total_load(self) -> torch.Tensor:  # (L, E) int64, CPU
         """Tokens per layer and logical expert since start (a copy)."""

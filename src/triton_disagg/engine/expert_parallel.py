@@ -48,8 +48,8 @@ from torch import nn
 from triton_disagg.engine.eplb import ExpertPlacement, plan_weight_moves
 from triton_disagg.engine.moe import ExpertParallelMoe, ExpertSlots
 
-#: Commands rank 0 sends down each rank's pipe.
-OP_FORWARD, OP_MOVE, OP_REPORT, OP_SHUTDOWN = 1, 2, 3, 4
+#: Commands rank 0 sends down each rank's pipe (INIT first, once, with the rank's settings as JSON).
+OP_INIT, OP_FORWARD, OP_MOVE, OP_REPORT, OP_SHUTDOWN = 0, 1, 2, 3, 4
 #: op, layer, num_tokens, payload bytes.
 HEADER = struct.Struct("<iiqq")
 #: How long one collective may wait for the other ranks before the group counts as broken.
@@ -124,7 +124,7 @@ def move_slot_weights(comm: ExpertComm, slots: ExpertSlots, old_row: list[int], 
             staged.append((move.dst_slot % slots_per_rank, slots.packed(move.src_slot % slots_per_rank)))
         elif rank in pair:
             by_pair.setdefault(pair, []).append(move)
-    numel = slots.packed(0).numel()
+    numel = slots.packed_numel
     for (src, dst), moves in sorted(by_pair.items()):
         if rank == src:
             comm.send(torch.cat([slots.packed(m.src_slot % slots_per_rank) for m in moves]), dst)
@@ -186,8 +186,7 @@ class _RankProcess:
         self._stderr_thread = threading.Thread(target=self._forward_stderr, name=f"ep-rank-{rank}-stderr", daemon=True)
         self._stderr_thread.start()
         self._stdout_buffer = b""
-        payload = json.dumps(init).encode()
-        self.send(0, 0, 0, payload)
+        self.send(OP_INIT, 0, 0, json.dumps(init).encode())
 
     def send(self, op: int, layer: int, num_tokens: int, payload: bytes = b"") -> None:
         self.process.stdin.write(HEADER.pack(op, layer, num_tokens, len(payload)) + payload)
@@ -244,6 +243,7 @@ def _stop_ranks(ranks: list[_RankProcess], store_dir: str) -> None:
         except subprocess.TimeoutExpired:
             rank.process.kill()
             rank.process.wait()
+        rank.process.stdout.close()
     shutil.rmtree(store_dir, ignore_errors=True)
 
 
@@ -255,14 +255,11 @@ class ExpertParallelGroup:
     interpreter exits). Not thread-safe: call it from the engine thread only.
     """
 
-    def __init__(self, model_path: str, placement: ExpertPlacement, device: torch.device, dtype: torch.dtype,
-                 hidden_size: int, top_k: int):
+    def __init__(self, model_path: str, placement: ExpertPlacement, device: torch.device, dtype: torch.dtype):
         self.model_path = model_path
         self.placement = placement
         self.device = device
         self.dtype = dtype
-        self.hidden_size = hidden_size
-        self.top_k = top_k
         self.local_slots: list[ExpertSlots] = []
         self._ranks: list[_RankProcess] = []
         self._comm: ExpertComm | None = None

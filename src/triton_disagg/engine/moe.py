@@ -76,6 +76,11 @@ class ExpertSlots(nn.Module):
     def num_slots(self) -> int:
         return self.w1.shape[0]
 
+    @property
+    def packed_numel(self) -> int:
+        """Elements of one slot's `packed` weights."""
+        return self.w1[0].numel() + self.w2[0].numel() + self.w3[0].numel()
+
     def forward(
         self,
         x: torch.Tensor,  # (T, H)
