@@ -309,12 +309,12 @@ class ExpertParallelGroup:
                     "device": str(rank_device(self.device, rank)),
                     "dtype": str(self.dtype).removeprefix("torch."),
                     "placement": self.placement.physical_to_logical.tolist(),
-                    "num_logical_experts": self.placement.num_logical_experts,
                     "num_threads": threads,
                     "timeout_s": COLLECTIVE_TIMEOUT_S,
                 }
                 self._ranks.append(_RankProcess(rank, init, env))
-            for layer, block in enumerate(_moe_blocks(model)):
+            for layer, decoder_layer in enumerate(model.model.layers):
+                block = decoder_layer.block_sparse_moe
                 row = self.placement.physical_to_logical[layer].tolist()
                 experts = [block.experts[e] for e in row[:spr]]
                 weights = [{"w1": e.w1.weight.data, "w2": e.w2.weight.data, "w3": e.w3.weight.data} for e in experts]
@@ -399,7 +399,3 @@ class ExpertParallelGroup:
         else:
             self._broken = f"the expert-parallel exchange failed: {exc}"
         return RuntimeError(self._broken)
-
-
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    return [layer.block_sparse_moe for layer in model.model.layers]
