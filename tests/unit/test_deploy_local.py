@@ -83,7 +83,7 @@ def test_a_server_on_its_own_address_binds_and_is_reached_there(tmp_path):
     [
         ("local-multi-server.yaml", "servers: 3 Triton servers; serving across several servers is not supported yet"),
         ("multi-node-tp.yaml", "models: 2 models side by side are not supported yet"),
-        ("one-node-8gpu.yaml", "models[0].pools[0].parallelism.tensor_parallel_size: the engine runs a worker on one device"),
+        ("one-node-8gpu.yaml", "models[0].pools[0].parallelism.tensor_parallel_size: the engine has no tensor parallelism yet"),
     ],
 )
 def test_what_one_server_cannot_run_is_refused_naming_the_field(example, message):
@@ -142,3 +142,14 @@ def test_serve_exits_naming_what_it_cannot_run(capsys):
     assert "servers: 3 Triton servers; serving across several servers is not supported yet" in capsys.readouterr().err
     assert main(["serve", "--component", "entry"]) == 1
     assert "--component and --worker-id name a part of a deployment: pass --deployment FILE too" in capsys.readouterr().err
+
+
+def test_expert_parallelism_reaches_the_server_as_ep_size(tmp_path):
+    pools = [
+        {"role": "prefill", "parallelism": {"expert_parallel_size": 2}},
+        {"role": "decode", "parallelism": {"expert_parallel_size": 2}},
+    ]
+    assert local_deployment(spec_with(pools=pools), model_path=tmp_path).server.ep_size == 2
+    pools[0]["parallelism"] = {"expert_parallel_size": 4}
+    with pytest.raises(NotSupportedYet, match=r"models\[0\]\.pools\[1\]\.parallelism\.expert_parallel_size: pools with different"):
+        local_deployment(spec_with(pools=pools), model_path=tmp_path)

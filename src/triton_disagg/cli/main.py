@@ -7,6 +7,7 @@
     plan        grow and shrink a running server's pools (load or SLO policy)
     deploy      check a deployment spec, or render it to Kubernetes manifests
     bench       measure deployments through the OpenAI API with AIPerf
+    expert-load the expert loads and placements of a running server's MoE workers (JSON)
 
 Every flag can also be set through an environment variable, named in --help
 (TRITON_DISAGG_<FLAG>); a flag on the command line wins.
@@ -236,6 +237,14 @@ def _build_parser() -> argparse.ArgumentParser:
     from triton_disagg.cli.deploy import add_deploy_parser
 
     add_deploy_parser(commands)
+
+    from triton_disagg.cli.expert_load import add_expert_load_flags, expert_load
+
+    expert_load_parser = commands.add_parser(
+        "expert-load", help="the expert loads and placements of a running server's MoE workers, as JSON"
+    )
+    expert_load_parser.set_defaults(run=expert_load)
+    add_expert_load_flags(EnvFlags(expert_load_parser))
 
     from triton_disagg.tools.bench import add_bench_flags, bench
 

@@ -115,22 +115,29 @@ class Parallelism(_Spec):
     """How one worker's engine is split over devices."""
 
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
-    #: Expert parallelism of a mixture-of-experts model, over the tensor-parallel ranks.
+    #: Expert parallelism of a mixture-of-experts model: expert slots split over this many ranks
+    #: (`serve --ep-size`); with tensor parallelism too, over the tensor-parallel ranks.
     expert_parallel_size: Annotated[int, Field(ge=1)] = 1
     #: Nodes one worker spans (tensor parallelism across nodes; on Kubernetes a LeaderWorkerSet group).
     nodes_per_replica: Annotated[int, Field(ge=1)] = 1
 
+    @property
+    def num_ranks(self) -> int:
+        """Engine ranks (one device each) of one worker."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
+
     @model_validator(mode="after")
     def _divisible(self) -> Parallelism:
-        if self.tensor_parallel_size % self.expert_parallel_size:
+        small, large = sorted((self.tensor_parallel_size, self.expert_parallel_size))
+        if large % small:
             raise ValueError(
-                f"expert_parallel_size ({self.expert_parallel_size}) must divide "
-                f"tensor_parallel_size ({self.tensor_parallel_size})"
+                f"expert_parallel_size ({self.expert_parallel_size}) and tensor_parallel_size "
+                f"({self.tensor_parallel_size}) must divide one another"
             )
-        if self.tensor_parallel_size % self.nodes_per_replica:
+        if self.num_ranks % self.nodes_per_replica:
             raise ValueError(
-                f"nodes_per_replica ({self.nodes_per_replica}) must divide tensor_parallel_size "
-                f"({self.tensor_parallel_size}): every node holds the same number of ranks"
+                f"nodes_per_replica ({self.nodes_per_replica}) must divide the worker's ranks "
+                f"({self.num_ranks}): every node holds the same number of ranks"
             )
         return self
 
@@ -209,10 +216,10 @@ class PoolSpec(_Spec):
         parallel = self.parallelism
         if self.resources.gpus == 0 and parallel.tensor_parallel_size > 1:
             raise ValueError("parallelism.tensor_parallel_size > 1 needs GPUs: set resources.gpus")
-        if self.resources.gpus and self.resources.gpus != parallel.tensor_parallel_size:
+        if self.resources.gpus and self.resources.gpus != parallel.num_ranks:
             raise ValueError(
-                f"resources.gpus ({self.resources.gpus}) must equal parallelism.tensor_parallel_size "
-                f"({parallel.tensor_parallel_size}): one engine rank per GPU"
+                f"resources.gpus ({self.resources.gpus}) must equal the worker's ranks, the larger of "
+                f"parallelism.tensor_parallel_size and expert_parallel_size ({parallel.num_ranks}): one engine rank per GPU"
             )
         return self
 

@@ -11,6 +11,7 @@ import torch
 
 from triton_disagg.engine.block_manager import BlockManager
 from triton_disagg.engine.config import EngineConfig, ModelConfig
+from triton_disagg.engine.eplb_state import EplbState, validate_expert_parallel
 from triton_disagg.engine.kv_connector import KVConnector, RemoteKV
 from triton_disagg.engine.kv_handoff import KVHandoff
 from triton_disagg.engine.loader import load_model
@@ -61,7 +62,10 @@ class LLMEngine:
         self.num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
         )
+        validate_expert_parallel(config, self.model_config)
         self.model = load_model(config.model_path, self.device, self.dtype)
+        #: Expert load statistics and expert parallelism of an MoE model; None for a dense one.
+        self.eplb = EplbState(self.model, self.model_config, config, self.device, self.dtype) if self.model_config.is_moe else None
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.device, self.dtype)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -169,7 +173,11 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         sampling = [entry for entry in batch.entries if entry.samples]
+        if self.eplb is not None:
+            self.eplb.before_step()
         logits = self.runner.execute(batch)
+        if self.eplb is not None:
+            self.eplb.after_step()
         tokens = sample(logits, [e.seq.params for e in sampling], [e.seq.generator for e in sampling])
         for entry in batch.entries:
             entry.seq.num_computed_tokens += entry.num_new_tokens
@@ -202,6 +210,11 @@ class LLMEngine:
             for output in self.step():
                 results[output.request_id].extend(output.new_token_ids)
         return [results[request_id] for request_id in ids]
+
+    def shutdown(self) -> None:
+        """Release what outlives a Python object: the expert-parallel ranks. Idempotent."""
+        if self.eplb is not None:
+            self.eplb.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(

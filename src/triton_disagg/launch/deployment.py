@@ -3,8 +3,8 @@
 `local_deployment` maps a spec onto the launcher: one `ServerConfig` (ports,
 pools, router, KV), the frontend's `FrontendConfig`, and the arguments of the
 planner to run next to them. It serves a spec of one Triton server and one
-model; a spec that needs more (several servers or models, a worker spanning
-devices or nodes, pools whose KV settings differ) is refused with
+model; a spec that needs more (several servers or models, tensor parallelism,
+pools whose KV settings or expert parallelism differ) is refused with
 `NotSupportedYet` naming the field. Resources and placement only matter on
 Kubernetes (`triton-disagg deploy render`).
 """
@@ -64,27 +64,34 @@ def check_runs_on_one_machine(spec: DeploymentSpec, component: str | None = None
     model = spec.models[0]
     for p, pool in enumerate(model.pools):
         at = f"models[0].pools[{p}].parallelism"
-        for field in ("nodes_per_replica", "tensor_parallel_size", "expert_parallel_size"):
+        for field in ("nodes_per_replica", "tensor_parallel_size"):
             if getattr(pool.parallelism, field) > 1:
-                raise NotSupportedYet(f"{at}.{field}: the engine runs a worker on one device; {field} > 1 is not supported yet")
-    _shared_kv(model)
+                raise NotSupportedYet(f"{at}.{field}: the engine has no tensor parallelism yet; {field} > 1 is not supported")
+    _shared_settings(model)
     if model.planner.policy != "off" and model.planner.connector == "kubernetes":
         raise ValueError(
             "models[0].planner.connector: kubernetes scales StatefulSets; on one machine use triton or auto"
         )
 
 
-def _shared_kv(model: ModelSpec) -> dict[str, object]:
-    """The KV settings every pool shares (one ServerConfig holds them); NotSupportedYet when pools differ."""
+def _shared_settings(model: ModelSpec) -> dict[str, object]:
+    """The KV settings and expert parallelism every pool shares (one ServerConfig holds them), by
+    ServerConfig field; NotSupportedYet when pools differ."""
     shared: dict[str, object] = {}
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     for p, pool in enumerate(model.pools):
+        ep_size = pool.parallelism.expert_parallel_size
+        if shared.setdefault("ep_size", ep_size) != ep_size:
+            raise NotSupportedYet(
+                f"models[0].pools[{p}].parallelism.expert_parallel_size: pools with different expert "
+                "parallelism in one server are not supported yet"
+            )
         for field, target in KV_FIELDS.items():
             value = getattr(pool.kv, field)
             at = f"models[0].pools[{p}].kv.{field}"
-            if field in shared and shared[field] != value:
+            if target in shared and shared[target] != value:
                 raise NotSupportedYet(f"{at}: pools with different KV settings in one server are not supported yet")
-            shared[field] = value
+            shared[target] = value
             if value is not None and target not in server_fields:
                 flag = "--" + target.replace("_", "-")
                 raise NotSupportedYet(f"{at}: this build's server has no {flag}; the KV tier is not supported yet")
@@ -109,7 +116,7 @@ def local_deployment(
     server = spec.servers[0]
     prefill = model.pools_of(Role.PREFILL)
     (decode,) = model.pools_of(Role.DECODE, Role.AGGREGATED)
-    optional = {KV_FIELDS[field]: value for field, value in _shared_kv(model).items() if value is not None}
+    optional = {field: value for field, value in _shared_settings(model).items() if value is not None}
     if decode.max_num_batched_tokens is not None:
         optional["max_num_batched_tokens"] = decode.max_num_batched_tokens
     config = ServerConfig(

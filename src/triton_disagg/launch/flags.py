@@ -93,6 +93,26 @@ def add_serve_flags(flag: EnvFlags) -> None:
     flag("--kv-hold-timeout-s", type=float, default=30.0, help="how long a prefill worker holds KV for a pull")
     flag("--kv-pull-timeout-s", type=float, default=30.0, help="how long a decode worker waits for a KV pull")
     flag(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert-parallel ranks per worker of an MoE model; ranks 1..N-1 are child processes of the worker",
+    )
+    flag(
+        "--eplb-redundant-experts",
+        type=int,
+        default=0,
+        help="extra expert slots per MoE layer for replicas of hot experts (experts + this must divide by --ep-size)",
+    )
+    flag("--eplb-interval", type=int, default=0, help="engine steps between expert balance checks (0: never rearrange)")
+    flag("--eplb-window", type=int, default=1000, help="engine steps of expert load the balance is judged on")
+    flag(
+        "--eplb-threshold",
+        type=float,
+        default=0.8,
+        help="rearrange experts when mean balancedness (mean / max rank load) falls below this",
+    )
+    flag(
         "--run-dir",
         metavar="DIR",
         default=str(DEFAULT_RUN_DIR),
@@ -135,6 +155,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         prefill_busy_tokens=args.prefill_busy_tokens,
         kv_hold_timeout_s=args.kv_hold_timeout_s,
         kv_pull_timeout_s=args.kv_pull_timeout_s,
+        ep_size=args.ep_size,
+        eplb_redundant_experts=args.eplb_redundant_experts,
+        eplb_interval=args.eplb_interval,
+        eplb_window=args.eplb_window,
+        eplb_threshold=args.eplb_threshold,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
         model_control_key=args.model_control_key,
     )

@@ -82,6 +82,16 @@ class ServerConfig:
     kv_hold_timeout_s: float = 30.0
     #: How long a decode worker waits for a KV pull before prefilling locally.
     kv_pull_timeout_s: float = 30.0
+    #: Expert-parallel ranks per worker engine of an MoE model (1: no expert parallelism).
+    ep_size: int = 1
+    #: Expert slots beyond one per logical expert, for replicas of hot experts.
+    eplb_redundant_experts: int = 0
+    #: Engine steps between expert balance checks (0: never rearrange experts).
+    eplb_interval: int = 0
+    #: Steps of expert load the balance is judged on.
+    eplb_window: int = 1000
+    #: Rearrange experts when the mean balancedness falls below this.
+    eplb_threshold: float = 0.8
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
     #: Key of the model-repository API (index, load, unload) over HTTP and gRPC; None leaves it open.
@@ -246,6 +256,11 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
         "num_blocks": "" if config.num_blocks is None else str(config.num_blocks),
         "max_num_batched_tokens": str(config.max_num_batched_tokens),
         "max_model_len": "" if config.max_model_len is None else str(config.max_model_len),
+        "ep_size": str(config.ep_size),
+        "eplb_redundant_experts": str(config.eplb_redundant_experts),
+        "eplb_interval": str(config.eplb_interval),
+        "eplb_window": str(config.eplb_window),
+        "eplb_threshold": str(config.eplb_threshold),
     }
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)

@@ -45,19 +45,23 @@ _COUNTER_HELP = {
 }
 
 
+def metric_families(gauges: dict[str, str], counters: dict[str, str]) -> dict[str, "pb_utils.MetricFamily"]:
+    """A Triton metric family per name (`{name: help text}`), gauges and counters; keep them alive while in use."""
+    kinds = [(gauges, pb_utils.MetricFamily.GAUGE), (counters, pb_utils.MetricFamily.COUNTER)]
+    return {
+        name: pb_utils.MetricFamily(name=name, description=text, kind=kind)
+        for family_help, kind in kinds
+        for name, text in family_help.items()
+    }
+
+
 class WorkerMetrics:
     """One worker model's metrics, labelled `model=<name>`."""
 
     def __init__(self, model_name: str, engine: LLMEngine) -> None:
         self._engine = engine
         self._labels = {"model": model_name}
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, text in _GAUGES.items()
-        } | {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-            for name, text in _COUNTER_HELP.items()
-        }
+        self._families = metric_families(gauges=_GAUGES, counters=_COUNTER_HELP)
         self._gauges = {name: self._families[name].Metric(labels=self._labels) for name in _GAUGES}
         self._handoff = {
             field: self._families[family].Metric(labels=self._labels | extra)

@@ -66,8 +66,16 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
         value = _optional_int(parameters, name)
         if value is not None:
             setattr(config, name, value)
-    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s"):
+    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s", "eplb_threshold"):
         value = _optional_float(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("ep_size", "eplb_window"):
+        value = _optional_int(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("eplb_redundant_experts", "eplb_interval"):
+        value = _optional_count(parameters, name)
         if value is not None:
             setattr(config, name, value)
     config.validate()
@@ -76,12 +84,8 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
 
 def min_remote_prefill_tokens(parameters: Mapping[str, str], default: int = 512) -> int:
     """A decode worker's threshold for remote prefill (0: always, when a prefill worker is offered)."""
-    raw = parameters.get("min_remote_prefill_tokens", "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit():
-        raise ValueError(f"parameter min_remote_prefill_tokens must be an integer >= 0, got {raw!r}")
-    return int(raw)
+    value = _optional_count(parameters, "min_remote_prefill_tokens")
+    return default if value is None else value
 
 
 def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
@@ -108,3 +112,13 @@ def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
     if value < 1:
         raise ValueError(f"parameter {name} must be >= 1, got {value}")
     return value
+
+
+def _optional_count(parameters: Mapping[str, str], name: str) -> int | None:
+    """An integer >= 0 (0 meaning none or off); None when the parameter is empty."""
+    raw = parameters.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"parameter {name} must be an integer >= 0, got {raw!r}")
+    return int(raw)
