@@ -139,13 +139,16 @@ def write_tokenizer_files(path: Path, max_model_len: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def make_model(path: str | Path, variant: str = "dense", seed: int = 0) -> Path:
-    """Write the `variant` checkpoint to `path` (created if needed); the same seed gives the same bytes."""
+def make_model(path: str | Path, variant: str = "dense", seed: int = 0, config_overrides: dict | None = None) -> Path:
+    """Write the `variant` checkpoint to `path` (created if needed); the same seed gives the same bytes.
+
+    `config_overrides` change config.json fields (e.g. `num_local_experts`) before the weights are drawn.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = COMMON_CONFIG | VARIANTS[variant]
+    config = COMMON_CONFIG | VARIANTS[variant] | (config_overrides or {})
     save_file(_init_weights(config, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation_config = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}

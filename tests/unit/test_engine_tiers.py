@@ -82,7 +82,7 @@ def test_a_prefix_evicted_from_the_device_comes_back_from_host_memory(tiny_model
     plain.run_all("AB")
     tokens, plain_out = plain.run("A")
     assert tokens == cold["A"] and plain_out.num_cached_tokens < out.num_cached_tokens
-    engine.close()
+    engine.shutdown()
 
 
 def disk_engine(model, folder: Path, transport: str = "torch") -> LLMEngine:
@@ -110,7 +110,7 @@ def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(tiny_model, cold
     assert out.num_disk_hit_tokens == PROMPT_BLOCKS * 16 and out.num_cached_tokens == PROMPT_BLOCKS * 16
     assert engine.tiers.stats.onboarded_blocks["disk"] == PROMPT_BLOCKS
     engine.check_integrity(expect_idle=True)
-    engine.close()
+    engine.shutdown()
 
 
 def _flip_byte(path: Path) -> None:
@@ -137,17 +137,17 @@ def test_a_damaged_disk_block_is_dropped_and_recomputed(tiny_model, cold, tmp_pa
     assert engine.tiers.stats.invalid_blocks == 1
     engine.check_integrity(expect_idle=True)
     assert not engine.tiers.disk.path_of(hashes[3]).exists()
-    engine.close()
+    engine.shutdown()
 
 
 def test_a_worker_restarted_on_the_same_disk_folder_reuses_its_blocks(tiny_model, cold, tmp_path):
     first = disk_engine(tiny_model, tmp_path)
     push_a_to_disk(Runner(first))
-    first.close()
+    first.shutdown()
     second = disk_engine(tiny_model, tmp_path)
     tokens, out = Runner(second).run("A")
     assert tokens == cold["A"] and out.num_disk_hit_tokens == PROMPT_BLOCKS * 16
-    second.close()
+    second.shutdown()
 
 
 def test_capacity_holds_under_pressure_and_the_router_index_matches_every_tier(tiny_model, tmp_path):
@@ -189,7 +189,7 @@ def test_capacity_holds_under_pressure_and_the_router_index_matches_every_tier(t
     stats = engine.tiers.stats
     assert stats.offloaded_blocks["host"] > 0 and stats.evicted_blocks["host"] > 0 and stats.offloaded_blocks["disk"] > 0
     assert stats.onboarded_blocks["host"] + stats.onboarded_blocks["disk"] > 0
-    engine.close()
+    engine.shutdown()
 
 
 def test_other_requests_step_while_one_onboards_and_an_abort_frees_its_blocks_after_the_copy(tiny_model, cold, gated_mover):
@@ -221,7 +221,7 @@ def test_other_requests_step_while_one_onboards_and_an_abort_frees_its_blocks_af
         later += engine.step()
     assert [t for out in later if out.request_id == "a" for t in out.new_token_ids] == cold["A"]
     engine.check_integrity(expect_idle=True)
-    engine.close()
+    engine.shutdown()
 
 
 def test_the_engine_thread_sleeps_through_an_onboarding_and_wakes_when_it_ends(tiny_model, cold):
@@ -247,7 +247,7 @@ def test_the_engine_thread_sleeps_through_an_onboarding_and_wakes_when_it_ends(t
     assert tokens == cold["A"] and out.num_host_hit_tokens > 0
     thread.stop()
     engine.check_integrity(expect_idle=True)
-    engine.close()
+    engine.shutdown()
 
 
 def test_a_reset_clears_every_tier_and_announces_it_once(tiny_model, tmp_path):
@@ -260,4 +260,4 @@ def test_a_reset_clears_every_tier_and_announces_it_once(tiny_model, tmp_path):
     assert engine.tiers.host.num_resident == engine.tiers.disk.num_resident == engine.block_manager.num_cached_blocks == 0
     assert list(tmp_path.glob("*.kvblock")) == []
     engine.check_integrity(expect_idle=True)
-    engine.close()
+    engine.shutdown()

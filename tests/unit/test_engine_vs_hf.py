@@ -111,3 +111,16 @@ def test_prefix_cache_hit_gives_cold_run_tokens(checkpoint):
             cached = output.num_cached_tokens
     assert cached == 48  # three full 16-token blocks of the shared prefix
     assert tokens == cold
+
+
+def test_expert_parallel_greedy_matches(checkpoint):
+    """Two rank processes; the child rank reads its experts from the checkpoint transformers wrote."""
+    path, model = checkpoint
+    if not model.config.model_type == "mixtral":
+        pytest.skip("a dense model has no experts to split")
+    engine = make_engine(path, ep_size=2, eplb_redundant_experts=2)
+    try:
+        batch = prompts([9, 30])
+        assert engine.generate(batch, GREEDY) == [hf_greedy(model, prompt, NUM_NEW_TOKENS) for prompt in batch]
+    finally:
+        engine.shutdown()

@@ -229,4 +229,4 @@ def test_a_decode_worker_brings_back_its_own_host_blocks_and_pulls_only_the_rest
     drain_holds(prefill)
     for engine in (prefill, decode):
         engine.check_integrity(expect_idle=True)
-        engine.close()
+        engine.shutdown()

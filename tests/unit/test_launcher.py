@@ -130,6 +130,19 @@ def test_bad_tier_settings_are_named(tmp_path, overrides, message):
         ServerConfig(model_path=fake_checkpoint(tmp_path / "model"), **overrides).validate()
 
 
+def test_expert_parallel_settings_reach_both_worker_templates(tmp_path):
+    model = fake_checkpoint(tmp_path / "model")
+    config = ServerConfig(model_path=model, run_dir=tmp_path, ep_size=4, eplb_redundant_experts=4, eplb_interval=50,
+                          eplb_window=200, eplb_threshold=0.9)
+    repository = render_model_repository(config, tmp_path / "repo")
+    for template in ("prefill", "decode"):
+        engine = engine_config(_parameters_of(repository / template / "config.pbtxt"))
+        assert (engine.ep_size, engine.eplb_redundant_experts, engine.eplb_interval, engine.eplb_window) == (4, 4, 50, 200)
+        assert engine.eplb_threshold == 0.9
+    defaults = engine_config(_parameters_of(render_model_repository(ServerConfig(model_path=model), tmp_path / "r2") / "decode" / "config.pbtxt"))
+    assert (defaults.ep_size, defaults.eplb_redundant_experts, defaults.eplb_interval) == (1, 0, 0)
+
+
 def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):
     repository = render_model_repository(ServerConfig(model_path=fake_checkpoint(tmp_path / "m")), tmp_path / "repo")
     config = json.loads(worker_config(repository / "decode", "decode_3", Placement(gpu=2), {"num_blocks": "7"}))
@@ -139,10 +152,16 @@ def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):
     assert config["modelTransactionPolicy"] == {"decoupled": True}
 
 
-def test_bad_parameter_is_named(tmp_path):
+@pytest.mark.parametrize(("parameters", "message"), [
+    ({"block_size": "sixteen"}, "parameter block_size must be an integer"),
+    ({"eplb_interval": "-1"}, "parameter eplb_interval must be an integer >= 0"),
+    ({"ep_size": "0"}, "parameter ep_size must be >= 1"),
+    ({"eplb_interval": "10"}, "set ep_size > 1 too"),
+])
+def test_bad_parameter_is_named(tmp_path, parameters, message):
     model = fake_checkpoint(tmp_path / "model")
-    with pytest.raises(ValueError, match="parameter block_size must be an integer"):
-        engine_config({"model_path": str(model), "block_size": "sixteen"})
+    with pytest.raises(ValueError, match=message):
+        engine_config({"model_path": str(model)} | parameters)
 
 
 def test_backend_directory_holds_the_python_backend(tmp_path):

@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(triton_disagg.__file__).parent
 TEMPLATES_DIR = PACKAGE_DIR / "model_repository"
 
 #: Rooms that serve a request or decide; they never import what starts processes, the CLI or the tools.
-LOWER_LAYERS = ("engine", "router", "planner", "kv_transfer", "serving", "frontend", "checkpoint", "model_control")
+LOWER_LAYERS = ("engine", "router", "planner", "kv_transfer", "serving", "frontend", "checkpoint", "model_control", "deploy")
 UPPER_LAYERS = ("launch", "cli", "tools")
 #: What every room may import: the package root and the shared error classes.
 BASE = ("triton_disagg", "errors")
@@ -33,7 +33,8 @@ ALLOWED = {
     "frontend": (),
     "checkpoint": (),
     "serving": ("engine", "kv_transfer", "router"),
-    "launch": ("model_control", "serving", "frontend", "planner", "checkpoint"),
+    "deploy": (),  # the deployment spec and what it renders to: pure, no I/O beyond reading and writing files
+    "launch": ("model_control", "serving", "frontend", "planner", "checkpoint", "deploy"),
     "tools": None,
     "cli": None,
 }

@@ -6,10 +6,13 @@ import pytest
 from triton_disagg.engine.params import InvalidRequest
 from triton_disagg.serving.protocol import (
     DEFAULT_MAX_TOKENS,
+    ExpertLoadRequest,
     WorkerAbort,
     WorkerGenerate,
     check_context_window,
+    parse_decode_request,
     parse_generate_request,
+    parse_prefill_request,
     parse_worker_request,
 )
 
@@ -113,6 +116,14 @@ def test_worker_generate():
 def test_worker_abort_needs_nothing_else():
     parsed = parse_worker_request({"abort_request_id": np.array([b"abc123"], dtype=np.object_)})
     assert parsed == WorkerAbort("abc123")
+
+
+@pytest.mark.parametrize("parse", [parse_worker_request, parse_decode_request, parse_prefill_request])
+def test_an_expert_load_dump_needs_nothing_else(parse):
+    assert parse({"dump_expert_load": np.array([True])}) == ExpertLoadRequest()
+    # false is an ordinary request, which then needs its prompt
+    with pytest.raises(InvalidRequest, match="input_ids is required"):
+        parse({"dump_expert_load": np.array([False])})
 
 
 def test_worker_request_without_tokens():

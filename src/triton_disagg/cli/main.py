@@ -5,7 +5,9 @@
     make-model  write the tiny default checkpoint
     profile     measure prefill and decode on the engine; the profile the SLO planner reads
     plan        grow and shrink a running server's pools (load or SLO policy)
+    deploy      check a deployment spec, or render it to Kubernetes manifests
     bench       measure deployments through the OpenAI API with AIPerf
+    expert-load the expert loads and placements of a running server's MoE workers (JSON)
 
 Every flag can also be set through an environment variable, named in --help
 (TRITON_DISAGG_<FLAG>); a flag on the command line wins.
@@ -20,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from triton_disagg.launch.deployment import add_deployment_flags
 from triton_disagg.launch.flags import EnvFlags, add_serve_flags, default_model, int_list, server_config
 from triton_disagg.launch.frontend import FrontendProcess, add_frontend_flags, frontend_config
+from triton_disagg.launch.planner import PlannerProcess
 from triton_disagg.launch.server import ServerError, TritonServer
 from triton_disagg.serving.settings import DEFAULT_MODEL_PATH
 
@@ -37,10 +41,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    server = TritonServer(server_config(args))
-    frontend = None
-    if args.frontend_port:
-        frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
+    planner = None
+    if (args.component or args.worker_id is not None) and not args.deployment:
+        raise ValueError("--component and --worker-id name a part of a deployment: pass --deployment FILE too")
+    if args.deployment:
+        from triton_disagg.cli.deploy import deployment_for_serve
+
+        local = deployment_for_serve(args)
+        server = TritonServer(local.server)
+        frontend = None if local.frontend is None else FrontendProcess(local.frontend, server.run_dir / "frontend.log")
+        if local.planner_args is not None:
+            planner = PlannerProcess(local.planner_args, server.run_dir / "planner.log", local.server.model_control_key)
+    else:
+        server = TritonServer(server_config(args))
+        frontend = None
+        if args.frontend_port:
+            frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
     # SIGTERM (docker stop, kill) stops the server the way Ctrl-C does. SIGINT is set too:
     # a shell without job control starts background commands with it ignored.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -52,19 +68,24 @@ def serve(args: argparse.Namespace) -> int:
         if frontend is not None:
             frontend.start()
             frontend.wait_ready(args.ready_timeout_s)
-        _print_endpoints(server, frontend)
-        return _wait_for_exit(server, frontend)
+        if planner is not None:
+            planner.start()
+            planner.wait_ready(args.ready_timeout_s)
+        _print_endpoints(server, frontend, planner)
+        return _wait_for_exit(server, frontend, planner)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0
     finally:
+        if planner is not None:
+            planner.stop()
         if frontend is not None:
             frontend.stop()
         server.stop()
 
 
-def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None) -> int:
-    """Block until the server or the frontend exits on its own; say which, and return a failing code."""
+def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> int:
+    """Block until the server, the frontend or the planner exits on its own; say which, and return a failing code."""
     while True:
         if not server.is_running():
             code = server.wait()
@@ -72,6 +93,9 @@ def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None) -> in
             return code or 1
         if frontend is not None and (code := frontend.poll()) is not None:
             print(f"the frontend exited with code {code}; last lines of {frontend.log_path}:\n{frontend.log_tail()}")
+            return code or 1
+        if planner is not None and (code := planner.poll()) is not None:
+            print(f"the planner exited with code {code}; last lines of {planner.log_path}:\n{planner.log_tail()}")
             return code or 1
         time.sleep(0.5)
 
@@ -122,10 +146,12 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None) -> None:
+def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> None:
     lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(server.worker_names)}"]
     if frontend is not None:
         lines.append(f"  OpenAI   {frontend.url}/v1  (log: {frontend.log_path})")
+    if planner is not None:
+        lines.append(f"  planner  {planner.metrics_url}  (log: {planner.log_path})")
     lines += [f"  HTTP     {server.http_url}", f"  gRPC     {server.grpc_url}", f"  metrics  {server.metrics_url}", "try:"]
     auth = " -H 'Authorization: Bearer <key>'" if frontend is not None and frontend.config.api_keys else ""
     if frontend is not None:
@@ -156,6 +182,7 @@ def _build_parser() -> argparse.ArgumentParser:
     flag = EnvFlags(serve_parser)
     add_serve_flags(flag)
     add_frontend_flags(flag, port_help="port of the OpenAI API started next to Triton (0: do not start it)")
+    add_deployment_flags(flag)
 
     frontend_parser = commands.add_parser("frontend", help="serve the OpenAI API in front of a running Triton server")
     frontend_parser.set_defaults(run=serve_frontend)
@@ -206,6 +233,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     plan_parser.set_defaults(run=plan)
     add_plan_flags(EnvFlags(plan_parser))
+
+    from triton_disagg.cli.deploy import add_deploy_parser
+
+    add_deploy_parser(commands)
+
+    from triton_disagg.cli.expert_load import add_expert_load_flags, expert_load
+
+    expert_load_parser = commands.add_parser(
+        "expert-load", help="the expert loads and placements of a running server's MoE workers, as JSON"
+    )
+    expert_load_parser.set_defaults(run=expert_load)
+    add_expert_load_flags(EnvFlags(expert_load_parser))
 
     from triton_disagg.tools.bench import add_bench_flags, bench
 

@@ -58,6 +58,17 @@ class PlanSettings:
     metrics_port: int = 9091
     #: Longest wait for a drained worker's requests to finish before giving up its unload.
     drain_timeout_s: float = 120.0
+    #: How pools change size: `triton` (model control in one server) or `kubernetes` (scale subresource).
+    connector: str = "triton"
+    #: Kubernetes: the namespace of the pools' workloads.
+    namespace: str = "default"
+    #: Kubernetes: the API server URL used as is (e.g. `kubectl proxy`); None: in-cluster, else kubeconfig.
+    kube_api_url: str | None = None
+    #: Kubernetes: each pool's workload, `statefulset/NAME` or `leaderworkerset/NAME` (None: no such pool).
+    prefill_workload: str | None = None
+    decode_workload: str | None = None
+    #: Kubernetes: a worker's metrics page, with {name}, {ordinal}, {workload} and {namespace}.
+    worker_metrics_url: str = "http://{workload}-{ordinal}.{workload}.{namespace}.svc:8002/metrics"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -81,6 +92,10 @@ def build_planner_loop(
     cannot be reached or does not match the inventory.
     """
     headers = settings.headers
+    if settings.connector == "kubernetes":
+        return _kubernetes_planner_loop(settings, config, headers, fetch_metrics)
+    if settings.connector != "triton":
+        raise ValueError(f"connector must be triton or kubernetes, got {settings.connector!r}")
     inventory = DeviceInventory(parse_inventory(settings.inventory))
     for pool in POOLS:
         if getattr(config, f"devices_per_{pool}_worker") != 1:
@@ -123,6 +138,43 @@ def build_planner_loop(
         ) from error
     logger.info("device inventory: %s", inventory.describe())
     return PlannerLoop(planner, connector, fetch, PlannerMetrics(), inventory)
+
+
+def _kubernetes_planner_loop(
+    settings: PlanSettings, config: PlannerConfig, headers: dict[str, str], fetch_metrics: Callable[[], str] | None
+) -> PlannerLoop:
+    """The planner of pools that are Kubernetes workloads: the scheduler places workers, so no device inventory."""
+    from triton_disagg.planner.kubernetes import KubernetesConnector, Workload, api_client
+
+    workloads = {
+        pool: Workload.parse(text)
+        for pool, text in (("prefill", settings.prefill_workload), ("decode", settings.decode_workload))
+        if text
+    }
+    if "decode" not in workloads:
+        raise ValueError("the kubernetes connector needs --decode-workload statefulset/NAME (or leaderworkerset/NAME)")
+    planner = Planner(config, PerformanceProfile.load(settings.profile_path) if settings.profile_path else None)
+    fetch = fetch_metrics or _metrics_fetcher(settings.metrics_url)
+    try:
+        fetch()
+        connector = KubernetesConnector(
+            workloads,
+            settings.namespace,
+            settings.http_url,
+            settings.worker_metrics_url,
+            client=api_client(settings.kube_api_url),
+            headers=headers,
+            drain_timeout_s=settings.drain_timeout_s,
+        )
+        sizes = {pool: len(connector.workers(pool)) for pool in POOLS}
+    except Exception as error:  # noqa: BLE001 - reported as a startup error naming what to fix
+        raise PlannerStartupError(
+            f"the entry server's metrics ({settings.metrics_url}) or the Kubernetes API did not answer ({error}); "
+            "check --metrics-url, --kube-api-url, --namespace and the workloads"
+        ) from error
+    if settings.is_dry_run:
+        return PlannerLoop(planner, DryRunConnector(sizes=sizes), fetch, PlannerMetrics())
+    return PlannerLoop(planner, connector, fetch, PlannerMetrics())
 
 
 def _connector(settings: PlanSettings, headers: dict[str, str], inventory: DeviceInventory):
@@ -170,6 +222,8 @@ _CONFIG_FLAGS = (
     ("--min-decode-workers", "min_decode_workers", int, "fewest decode workers"),
     ("--max-decode-workers", "max_decode_workers", int, "most decode workers"),
     ("--device-budget", "device_budget", int, "devices all workers may hold (cut to the inventory's slots)"),
+    ("--devices-per-prefill-worker", "devices_per_prefill_worker", int, "devices one prefill worker holds (kubernetes)"),
+    ("--devices-per-decode-worker", "devices_per_decode_worker", int, "devices one decode worker holds (kubernetes)"),
     ("--device-kind", "device_kind", str, "device kind of the workers; must match the profile's"),
     ("--scale-up-cooldown-s", "scale_up_cooldown_s", float, "seconds after a change before a pool grows again"),
     ("--scale-down-cooldown-s", "scale_down_cooldown_s", float, "seconds after a change before a pool shrinks"),
@@ -213,6 +267,21 @@ def add_plan_flags(flag) -> None:
     flag("--api-key-header", metavar="NAME=VALUE", default=None, help="header for a restricted model-repository API")
     flag("--planner-port", type=int, default=defaults.metrics_port, help="port of the planner's own metrics (0: any)")
     flag("--drain-timeout-s", type=float, default=defaults.drain_timeout_s, help="longest wait for a worker to drain")
+    flag(
+        "--connector",
+        choices=["triton", "kubernetes"],
+        default=defaults.connector,
+        help="triton: load and unload workers in one server; kubernetes: scale the pools' StatefulSets",
+    )
+    flag("--namespace", default=defaults.namespace, help="kubernetes: namespace of the pools' workloads")
+    flag("--kube-api-url", default=None, help="kubernetes: API server URL used as is (default: in-cluster, else kubeconfig)")
+    flag("--prefill-workload", default=None, help="kubernetes: statefulset/NAME or leaderworkerset/NAME of the prefill pool")
+    flag("--decode-workload", default=None, help="kubernetes: statefulset/NAME or leaderworkerset/NAME of the decode pool")
+    flag(
+        "--worker-metrics-url",
+        default=defaults.worker_metrics_url,
+        help="kubernetes: a worker's metrics page; {name}, {ordinal}, {workload} and {namespace} are filled in",
+    )
 
 
 def plan(args) -> int:
@@ -233,6 +302,12 @@ def plan(args) -> int:
         api_key_header=args.api_key_header,
         metrics_port=args.planner_port,
         drain_timeout_s=args.drain_timeout_s,
+        connector=args.connector,
+        namespace=args.namespace,
+        kube_api_url=args.kube_api_url,
+        prefill_workload=args.prefill_workload,
+        decode_workload=args.decode_workload,
+        worker_metrics_url=args.worker_metrics_url,
     )
     try:
         loop = build_planner_loop(settings, config)
@@ -240,7 +315,8 @@ def plan(args) -> int:
         print(f"triton-disagg: error: {error}", file=sys.stderr, flush=True)
         return 1
     port = loop.metrics.serve(settings.metrics_port)
-    mode = "dry run: decisions are only logged" if settings.is_dry_run else f"managing {settings.http_url}"
+    target = settings.http_url if settings.connector == "triton" else f"Kubernetes namespace {settings.namespace}"
+    mode = "dry run: decisions are only logged" if settings.is_dry_run else f"managing {target}"
     print(
         f"planner ({config.policy.value} policy, every {config.adjustment_interval_s:g} s): {mode}; "
         f"metrics on :{port}/metrics",

@@ -130,6 +130,17 @@ class EngineConfig:
     kv_disk_min_uses: int = 2
     #: How the tiers move bytes: "torch" (memmove / CUDA copies and file I/O) or "nixl" (NIXL's UCX and POSIX backends).
     kv_tier_transport: str = "torch"
+    #: Expert-parallel ranks of an MoE model (1: every expert runs in this process). Ranks 1..N-1
+    #: are child processes holding their share of the expert slots.
+    ep_size: int = 1
+    #: Expert slots beyond one per logical expert, for replicas of hot experts (ep_size > 1).
+    eplb_redundant_experts: int = 0
+    #: Engine steps between checks of the expert balance (0: never rearrange).
+    eplb_interval: int = 0
+    #: Steps of expert load the balance is judged and planned on.
+    eplb_window: int = 1000
+    #: Rearrange when the window's mean balancedness (mean over max rank load) is below this.
+    eplb_threshold: float = 0.8
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -169,3 +180,13 @@ class EngineConfig:
                 "the disk tier needs the host tier (blocks reach disk through host memory): "
                 "set kv_host_blocks > 0, or leave kv_disk_path empty"
             )
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.eplb_redundant_experts < 0 or self.eplb_interval < 0:
+            raise ValueError("eplb_redundant_experts and eplb_interval must be >= 0")
+        if self.eplb_window < 1:
+            raise ValueError(f"eplb_window must be >= 1 step, got {self.eplb_window}")
+        if not 0.0 < self.eplb_threshold <= 1.0:
+            raise ValueError(f"eplb_threshold must be in (0, 1], got {self.eplb_threshold}")
+        if self.ep_size == 1 and (self.eplb_redundant_experts or self.eplb_interval):
+            raise ValueError("eplb_redundant_experts and eplb_interval balance experts over ranks: set ep_size > 1 too")

@@ -11,6 +11,7 @@ import torch
 
 from triton_disagg.engine.block_manager import BlockManager
 from triton_disagg.engine.config import EngineConfig, ModelConfig
+from triton_disagg.engine.eplb_state import EplbState, validate_expert_parallel
 from triton_disagg.engine.kv_connector import KVConnector, RemoteKV
 from triton_disagg.engine.kv_handoff import KVHandoff
 from triton_disagg.engine.loader import load_model
@@ -65,10 +66,18 @@ class LLMEngine:
         self.num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
         )
+        validate_expert_parallel(config, self.model_config)
         self.model = load_model(config.model_path, self.device, self.dtype)
+        #: Expert load statistics and expert parallelism of an MoE model; None for a dense one.
+        self.eplb = EplbState(self.model, self.model_config, config, self.device, self.dtype) if self.model_config.is_moe else None
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.device, self.dtype)
         #: Host-memory and disk tiers under the pool; None when both are off.
-        self.tiers = self._make_tiers(config)
+        try:
+            self.tiers = self._make_tiers(config)
+        except BaseException:
+            if self.eplb is not None:  # its ranks would outlive the failed load
+                self.eplb.close()
+            raise
         self.block_manager = BlockManager(
             self.num_blocks, config.block_size, config.enable_prefix_caching, offloader=self.tiers
         )
@@ -214,7 +223,11 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         sampling = [entry for entry in batch.entries if entry.samples]
+        if self.eplb is not None:
+            self.eplb.before_step()
         logits = self.runner.execute(batch)
+        if self.eplb is not None:
+            self.eplb.after_step()
         tokens = sample(logits, [e.seq.params for e in sampling], [e.seq.generator for e in sampling])
         for entry in batch.entries:
             entry.seq.num_computed_tokens += entry.num_new_tokens
@@ -278,8 +291,11 @@ class LLMEngine:
                 self.tiers.wait_idle()
             self.tiers.check_integrity(expect_idle)
 
-    def close(self) -> None:
-        """Stop the tiers' copier (finishing queued copies) and release the disk folder. Idempotent."""
+    def shutdown(self) -> None:
+        """Release what outlives a Python object: the expert-parallel ranks, the tiers' copy threads
+        (queued copies finish first) and the disk folder's lock. Idempotent."""
+        if self.eplb is not None:
+            self.eplb.close()
         if self.tiers is not None:
             self.tiers.close()
 

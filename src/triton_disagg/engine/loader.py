@@ -80,3 +80,38 @@ def load_model(model_path: str | Path, device: torch.device, dtype: torch.dtype)
     if missing:
         raise ValueError(f"checkpoint {model_path} lacks {len(missing)} weights, e.g. {missing[:3]}")
     return model.eval()
+
+
+_EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_RAW_EXPERT_LAYER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?:(\d+)\.)?")
+
+
+def load_expert_weights(
+    model_path: str | Path, wanted: dict[int, set[int]], device: torch.device, dtype: torch.dtype
+) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The weights of some experts only: `{(layer, expert): {"w1", "w2", "w3"}}` for each expert in `wanted[layer]`.
+
+    Reads only the checkpoint tensors that hold them (legacy or fused layout).
+    Raises ValueError when one is missing.
+    """
+    model_path = Path(model_path)
+    config = ModelConfig.from_pretrained(model_path)
+    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    files = sorted(model_path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for raw_name in handle.keys():
+                match = _RAW_EXPERT_LAYER.match(raw_name)
+                if match is None or int(match.group(1)) not in wanted:
+                    continue
+                if match.group(2) is not None and int(match.group(2)) not in wanted[int(match.group(1))]:
+                    continue
+                for name, tensor in _rename(raw_name, handle.get_tensor(raw_name), config):
+                    parsed = _EXPERT_WEIGHT.match(name)
+                    if parsed and int(parsed.group(2)) in wanted.get(int(parsed.group(1)), ()):
+                        key = (int(parsed.group(1)), int(parsed.group(2)))
+                        found.setdefault(key, {})[parsed.group(3)] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = [(layer, e) for layer, experts in wanted.items() for e in experts if len(found.get((layer, e), {})) != 3]
+    if missing:
+        raise ValueError(f"checkpoint {model_path} lacks the weights of (layer, expert) {missing[:3]}")
+    return found

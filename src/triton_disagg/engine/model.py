@@ -13,6 +13,7 @@ from torch import nn
 
 from triton_disagg.engine.attention import AttentionMetadata, PagedAttention
 from triton_disagg.engine.config import ModelConfig
+from triton_disagg.engine.moe import route_tokens
 
 
 class RMSNorm(nn.Module):
@@ -119,9 +120,7 @@ class SparseMoeBlock(nn.Module):
         self.register_buffer("expert_token_counts", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden)
-        router_probs = F.softmax(self.gate(x).float(), dim=-1)  # (T, E)
-        top_weights, top_experts = torch.topk(router_probs, self.top_k, dim=-1)  # (T, K)
-        top_weights = (top_weights / top_weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        top_weights, top_experts = route_tokens(self.gate(x), self.top_k, x.dtype)  # (T, K) each
         counts = torch.bincount(top_experts.flatten(), minlength=self.num_experts)
         self.expert_token_counts += counts
         out = torch.zeros_like(x)

@@ -115,6 +115,26 @@ def add_serve_flags(flag: EnvFlags) -> None:
         help="disk KV tier per worker, in blocks (default: 16 GiB worth; 0 turns it off)",
     )
     flag(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert-parallel ranks per worker of an MoE model; ranks 1..N-1 are child processes of the worker",
+    )
+    flag(
+        "--eplb-redundant-experts",
+        type=int,
+        default=0,
+        help="extra expert slots per MoE layer for replicas of hot experts (experts + this must divide by --ep-size)",
+    )
+    flag("--eplb-interval", type=int, default=0, help="engine steps between expert balance checks (0: never rearrange)")
+    flag("--eplb-window", type=int, default=1000, help="engine steps of expert load the balance is judged on")
+    flag(
+        "--eplb-threshold",
+        type=float,
+        default=0.8,
+        help="rearrange experts when mean balancedness (mean / max rank load) falls below this",
+    )
+    flag(
         "--run-dir",
         metavar="DIR",
         default=str(DEFAULT_RUN_DIR),
@@ -160,6 +180,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         kv_host_blocks=args.kv_host_blocks,
         kv_disk_path=Path(args.kv_disk_path) if args.kv_disk_path else None,
         kv_disk_blocks=args.kv_disk_blocks,
+        ep_size=args.ep_size,
+        eplb_redundant_experts=args.eplb_redundant_experts,
+        eplb_interval=args.eplb_interval,
+        eplb_window=args.eplb_window,
+        eplb_threshold=args.eplb_threshold,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
         model_control_key=args.model_control_key,
     )

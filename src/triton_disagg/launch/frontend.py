@@ -3,40 +3,38 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import requests
-
 from triton_disagg.frontend.config import DEFAULT_MAX_BODY_BYTES, FrontendConfig
-from triton_disagg.launch.server import ChildProcess, ServerError
+from triton_disagg.launch.service_process import ServiceProcess
 
 #: API keys reach the child through the environment, not its command line (which `ps` shows).
 API_KEYS_ENV = "TRITON_DISAGG_API_KEYS"
 
 
-class FrontendProcess(ChildProcess):
+class FrontendProcess(ServiceProcess):
     """`triton-disagg frontend` in a child process; a context manager like TritonServer."""
+
+    what = "the frontend"
 
     def __init__(self, config: FrontendConfig, log_path: Path) -> None:
         config.validate()
+        super().__init__(log_path)
         self.config = config
-        self.log_path = Path(log_path)
-        self._process: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def url(self) -> str:
         host = "localhost" if self.config.host in ("0.0.0.0", "::") else self.config.host
         return f"http://{host}:{self.config.port}"
 
+    @property
+    def ready_url(self) -> str:
+        return f"{self.url}/health"
+
     def start(self) -> None:
         config = self.config
         command = [
-            sys.executable, "-m", "triton_disagg.cli.main", "frontend",
+            "frontend",
             "--triton-url", config.triton_url,
             "--frontend-host", config.host,
             "--frontend-port", str(config.port),
@@ -52,42 +50,7 @@ class FrontendProcess(ChildProcess):
         env.pop(API_KEYS_ENV, None)
         if config.api_keys:
             env[API_KEYS_ENV] = ",".join(config.api_keys)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "wb")
-        self._process = subprocess.Popen(
-            command, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until GET /health answers 200. Raises ServerError if the process exits or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._process.poll() is not None:
-                raise ServerError(f"the frontend exited with code {self._process.returncode}; {self.log_path}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerError(f"the frontend was not ready after {timeout_s:.0f} s; {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def poll(self) -> int | None:
-        return None if self._process is None else self._process.poll()
-
-    def stop(self) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        self._spawn(command, env)
 
 
 def add_frontend_flags(flag, *, port_help: str = "port of the OpenAI API") -> None:

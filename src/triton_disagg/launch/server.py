@@ -50,6 +50,8 @@ class ServerConfig:
     model_path: Path = DEFAULT_MODEL_PATH
     #: Where the rendered model repository, backend directory and server log go.
     run_dir: Path = DEFAULT_RUN_DIR
+    #: Address the HTTP, gRPC and metrics endpoints listen on (0.0.0.0: every interface, reached at localhost).
+    host: str = "0.0.0.0"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -86,6 +88,16 @@ class ServerConfig:
     kv_disk_path: Path | None = None
     #: Disk KV tier of each worker, in blocks; None sizes it from the engine's 16 GiB default; 0 turns it off.
     kv_disk_blocks: int | None = None
+    #: Expert-parallel ranks per worker engine of an MoE model (1: no expert parallelism).
+    ep_size: int = 1
+    #: Expert slots beyond one per logical expert, for replicas of hot experts.
+    eplb_redundant_experts: int = 0
+    #: Engine steps between expert balance checks (0: never rearrange experts).
+    eplb_interval: int = 0
+    #: Steps of expert load the balance is judged on.
+    eplb_window: int = 1000
+    #: Rearrange experts when the mean balancedness falls below this.
+    eplb_threshold: float = 0.8
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
     #: Key of the model-repository API (index, load, unload) over HTTP and gRPC; None leaves it open.
@@ -95,6 +107,19 @@ class ServerConfig:
     exit_timeout_s: int = 10
     #: Extra `tritonserver` arguments, appended last.
     extra_args: tuple[str, ...] = ()
+
+    @property
+    def connect_host(self) -> str:
+        """The host a client on this machine dials."""
+        return "localhost" if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.connect_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.connect_host}:{self.metrics_port}/metrics"
 
     def validate(self) -> None:
         if not (Path(self.model_path) / "config.json").is_file():
@@ -245,6 +270,11 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
         "kv_host_blocks": "" if config.kv_host_blocks is None else str(config.kv_host_blocks),
         "kv_disk_path": "" if config.kv_disk_path is None else str(Path(config.kv_disk_path).expanduser().resolve()),
         "kv_disk_blocks": "" if config.kv_disk_blocks is None else str(config.kv_disk_blocks),
+        "ep_size": str(config.ep_size),
+        "eplb_redundant_experts": str(config.eplb_redundant_experts),
+        "eplb_interval": str(config.eplb_interval),
+        "eplb_window": str(config.eplb_window),
+        "eplb_threshold": str(config.eplb_threshold),
     }
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +295,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "mode": config.routing_mode,
             "block_size": str(config.block_size),
             "max_queued_prefill_tokens": "" if config.prefill_busy_tokens is None else str(config.prefill_busy_tokens),
+            "server_host": config.connect_host,
             "http_port": str(config.http_port),
             "metrics_port": str(config.metrics_port),
             "kv_events_dir": str(kv_events_dir),
@@ -299,15 +330,15 @@ class TritonServer(ChildProcess):
 
     @property
     def http_url(self) -> str:
-        return f"http://localhost:{self.config.http_port}"
+        return self.config.http_url
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.config.grpc_port}"
+        return f"{self.config.connect_host}:{self.config.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.config.metrics_port}/metrics"
+        return self.config.metrics_url
 
     @property
     def model_control_headers(self) -> dict[str, str]:
@@ -338,6 +369,7 @@ class TritonServer(ChildProcess):
             f"--http-port={self.config.http_port}",
             f"--grpc-port={self.config.grpc_port}",
             f"--metrics-port={self.config.metrics_port}",
+            *_address_args(self.config.host),
             "--allow-metrics=true",
             f"--exit-timeout-secs={self.config.exit_timeout_s}",
             *_restricted_api_args(self.config.model_control_key),
@@ -456,6 +488,13 @@ def _pytriton_wheel_dir() -> Path | None:
         if (candidate / "tritonserver" / "bin" / "tritonserver").is_file():
             return candidate
     return None
+
+
+def _address_args(host: str) -> list[str]:
+    """tritonserver flags that bind its endpoints to `host` (none for every interface, Triton's default)."""
+    if host == "0.0.0.0":
+        return []
+    return [f"--http-address={host}", f"--grpc-address={host}", f"--metrics-address={host}"]
 
 
 def _restricted_api_args(key: str | None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -167,19 +168,8 @@ class TritonConnector:
         return name
 
     def _wait_until_idle(self, name: str) -> None:
-        """Wait until the router counts no request on `name` and the worker reports none.
-
-        The router's count covers a request from its route decision on, so one
-        still queued in Triton or being handed to the engine counts; the
-        worker's gauges add KV a prefill worker still holds for a decode worker.
-        Raises TimeoutError after `drain_timeout_s`, RuntimeError when the router refuses.
-        """
-        deadline_s = time.monotonic() + self._drain_timeout_s
-        while (num_inflight := self._call_router("inflight", name)) or self._busy(name):
-            if time.monotonic() > deadline_s:
-                why = f"the router counts {num_inflight} requests on it" if num_inflight else "its gauges are not all 0"
-                raise TimeoutError(f"{name} was not idle after {self._drain_timeout_s:g} s of draining: {why}")
-            time.sleep(self._poll_s)
+        """wait_until_idle with this server's router and metrics page."""
+        wait_until_idle(name, lambda: self._call_router("inflight", name), lambda: self._busy(name), self._drain_timeout_s, self._poll_s)
 
     def _call_router(self, action: str, name: str) -> int:
         """triton_disagg.model_control.router_action on this server; raises RuntimeError when the router refuses."""
@@ -192,6 +182,25 @@ class TritonConnector:
         response = requests.get(self._metrics_url, timeout=10)
         response.raise_for_status()
         return not is_worker_idle(response.text, name)
+
+
+def wait_until_idle(
+    name: str, count_inflight: Callable[[], int], is_busy: Callable[[], bool], timeout_s: float, poll_s: float
+) -> None:
+    """Wait until the router counts no request on worker `name` and the worker reports none.
+
+    The router's count (`count_inflight`) covers a request from its route
+    decision on, so one still queued in Triton or being handed to the engine
+    counts; the worker's gauges (`is_busy`) add KV a prefill worker still holds
+    for a decode worker. Raises TimeoutError after `timeout_s`, and whatever
+    the two calls raise (RuntimeError when the router refuses).
+    """
+    deadline_s = time.monotonic() + timeout_s
+    while (num_inflight := count_inflight()) or is_busy():
+        if time.monotonic() > deadline_s:
+            why = f"the router counts {num_inflight} requests on it" if num_inflight else "its gauges are not all 0"
+            raise TimeoutError(f"{name} was not idle after {timeout_s:g} s of draining: {why}")
+        time.sleep(poll_s)
 
 
 #: Worker gauges that must all be present and 0 before a worker is unloaded.

@@ -25,6 +25,7 @@ from triton_disagg.serving.disagg import decide_prefill
 from triton_disagg.serving.protocol import (
     DECODE_INPUT_NAMES,
     DecodeGenerate,
+    ExpertLoadRequest,
     WorkerAbort,
     parse_decode_request,
 )
@@ -68,6 +69,9 @@ class DecodeService(EngineService):
             if isinstance(parsed, WorkerAbort):
                 self.abort(parsed.request_id)
                 sender.send(flags=FINAL)
+                return
+            if isinstance(parsed, ExpertLoadRequest):
+                self.send_expert_load(sender)
                 return
             request_id = request.request_id() or uuid.uuid4().hex
             stream = ResponseStream(self, sender, request_id)

@@ -14,7 +14,6 @@ from dataclasses import asdict
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.llm_engine import LLMEngine
-from triton_disagg.serving import tier_metrics
 
 _GAUGES = {
     "triton_disagg_kv_blocks": "KV blocks in the worker's pool",
@@ -46,19 +45,23 @@ _COUNTER_HELP = {
 }
 
 
+def metric_families(gauges: dict[str, str], counters: dict[str, str]) -> dict[str, "pb_utils.MetricFamily"]:
+    """A Triton metric family per name (`{name: help text}`), gauges and counters; keep them alive while in use."""
+    kinds = [(gauges, pb_utils.MetricFamily.GAUGE), (counters, pb_utils.MetricFamily.COUNTER)]
+    return {
+        name: pb_utils.MetricFamily(name=name, description=text, kind=kind)
+        for family_help, kind in kinds
+        for name, text in family_help.items()
+    }
+
+
 class WorkerMetrics:
     """One worker model's metrics, labelled `model=<name>`."""
 
     def __init__(self, model_name: str, engine: LLMEngine) -> None:
         self._engine = engine
         self._labels = {"model": model_name}
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, text in _GAUGES.items() | tier_metrics.GAUGES.items()
-        } | {
-            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-            for name, text in _COUNTER_HELP.items() | tier_metrics.COUNTERS.items()
-        }
+        self._families = metric_families(gauges=_GAUGES, counters=_COUNTER_HELP)
         self._gauges = {name: self._families[name].Metric(labels=self._labels) for name in _GAUGES}
         self._handoff = {
             field: self._families[family].Metric(labels=self._labels | extra)
@@ -73,7 +76,6 @@ class WorkerMetrics:
         self._last_gauges: dict[str, float] = {}
         self._lock = threading.Lock()
         self._gauges["triton_disagg_kv_blocks"].set(engine.num_blocks)
-        self._tiers = tier_metrics.TierMetrics(model_name, engine, self._families)
         self.refresh()
 
     def refresh(self) -> None:
@@ -97,7 +99,6 @@ class WorkerMetrics:
                 if field in self._handoff and value != self._reported.get(field, 0):
                     self._handoff[field].increment(value - self._reported.get(field, 0))
                     self._reported[field] = value
-            self._tiers.refresh()
 
     def count_request(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         """Count a finished request and how much of its prompt the prefix cache served."""

@@ -11,6 +11,7 @@ from triton_disagg.engine.params import RequestOutput
 from triton_disagg.kv_transfer.handle import KVHandle
 from triton_disagg.serving.protocol import (
     PREFILL_INPUT_NAMES,
+    ExpertLoadRequest,
     HoldCheck,
     parse_prefill_request,
 )
@@ -36,6 +37,9 @@ class PrefillService(EngineService):
                     output_tensors=[pb_utils.Tensor("hold_found", np.array([found], dtype=np.bool_))]
                 )
                 sender.send(response, flags=FINAL)
+                return
+            if isinstance(parsed, ExpertLoadRequest):
+                self.send_expert_load(sender)
                 return
             request_id = request.request_id() or uuid.uuid4().hex
             stream = _PrefillStream(self, sender, request_id)

@@ -48,10 +48,11 @@ WORKER_INPUT_NAMES = (
     "seed",
     "ignore_eos",
     "abort_request_id",
+    "dump_expert_load",
 )
 WORKER_OUTPUT_NAMES = ("output_ids", "finish_reason", "num_input_tokens", "num_cached_tokens")
 DECODE_INPUT_NAMES = WORKER_INPUT_NAMES + ("prefill_worker", "prefill_pool_saturated", "kv_handle", "first_token")
-PREFILL_INPUT_NAMES = ("input_ids", "temperature", "top_k", "top_p", "seed", "ignore_eos", "check_hold_id")
+PREFILL_INPUT_NAMES = ("input_ids", "temperature", "top_k", "top_p", "seed", "ignore_eos", "check_hold_id", "dump_expert_load")
 PREFILL_OUTPUT_NAMES = WORKER_OUTPUT_NAMES + ("kv_handle", "hold_found")
 
 
@@ -105,6 +106,11 @@ class HoldCheck:
 
 
 @dataclass(slots=True, frozen=True)
+class ExpertLoadRequest:
+    """A worker control request: send the expert-load snapshot (`dump_expert_load: true`)."""
+
+
+@dataclass(slots=True, frozen=True)
 class WorkerAbort:
     """A `worker` control request: abort the in-flight request `request_id`."""
 
@@ -148,8 +154,11 @@ def check_context_window(num_prompt_tokens: int, max_tokens: int, max_model_len:
         )
 
 
-def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort:
-    """Parse a `worker` request: a generate request, or an abort when only `abort_request_id` is set."""
+def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort | ExpertLoadRequest:
+    """Parse a `worker` request: a generate request, an abort when `abort_request_id` is set,
+    or an expert-load dump when `dump_expert_load` is true."""
+    if _bool(inputs, "dump_expert_load", False):
+        return ExpertLoadRequest()
     abort_request_id = _scalar(inputs, "abort_request_id", None)
     if abort_request_id is not None:
         return WorkerAbort(_decode_utf8("abort_request_id", abort_request_id))
@@ -162,10 +171,10 @@ def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort:
     )
 
 
-def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort:
+def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort | ExpertLoadRequest:
     """Parse a decode worker request (see `DecodeGenerate`). Raises InvalidRequest."""
     parsed = parse_worker_request(inputs)
-    if isinstance(parsed, WorkerAbort):
+    if isinstance(parsed, (WorkerAbort, ExpertLoadRequest)):
         return parsed
     kv_handle = inputs.get("kv_handle")
     first_token = _scalar(inputs, "first_token", None)
@@ -181,8 +190,10 @@ def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort:
     )
 
 
-def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck:
-    """Parse a prefill worker request: a prompt (its first token is sampled), or a hold check."""
+def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck | ExpertLoadRequest:
+    """Parse a prefill worker request: a prompt (its first token is sampled), a hold check, or an expert-load dump."""
+    if _bool(inputs, "dump_expert_load", False):
+        return ExpertLoadRequest()
     hold_id = _scalar(inputs, "check_hold_id", None)
     if hold_id is not None:
         return HoldCheck(_decode_utf8("check_hold_id", hold_id))

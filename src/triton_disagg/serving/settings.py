@@ -66,12 +66,12 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
         value = _optional_int(parameters, name)
         if value is not None:
             setattr(config, name, value)
-    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s"):
+    for name in ("kv_hold_timeout_s", "kv_pull_timeout_s", "eplb_threshold"):
         value = _optional_float(parameters, name)
         if value is not None:
             setattr(config, name, value)
     for name in ("kv_host_blocks", "kv_host_bytes", "kv_disk_blocks", "kv_disk_bytes"):
-        value = _optional_int(parameters, name, minimum=0)
+        value = _optional_count(parameters, name)
         if value is not None:
             setattr(config, name, value)
     min_uses = _optional_int(parameters, "kv_disk_min_uses")
@@ -79,18 +79,22 @@ def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
         config.kv_disk_min_uses = min_uses
     config.kv_disk_path = parameters.get("kv_disk_path", "").strip()
     config.kv_tier_transport = parameters.get("kv_tier_transport", "").strip() or config.kv_tier_transport
+    for name in ("ep_size", "eplb_window"):
+        value = _optional_int(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
+    for name in ("eplb_redundant_experts", "eplb_interval"):
+        value = _optional_count(parameters, name)
+        if value is not None:
+            setattr(config, name, value)
     config.validate()
     return config
 
 
 def min_remote_prefill_tokens(parameters: Mapping[str, str], default: int = 512) -> int:
     """A decode worker's threshold for remote prefill (0: always, when a prefill worker is offered)."""
-    raw = parameters.get("min_remote_prefill_tokens", "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit():
-        raise ValueError(f"parameter min_remote_prefill_tokens must be an integer >= 0, got {raw!r}")
-    return int(raw)
+    value = _optional_count(parameters, "min_remote_prefill_tokens")
+    return default if value is None else value
 
 
 def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
@@ -106,7 +110,7 @@ def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
     return value
 
 
-def _optional_int(parameters: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
+def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
     raw = parameters.get(name, "").strip()
     if not raw:
         return None
@@ -114,6 +118,16 @@ def _optional_int(parameters: Mapping[str, str], name: str, minimum: int = 1) ->
         value = int(raw)
     except ValueError:
         raise ValueError(f"parameter {name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"parameter {name} must be >= {minimum}, got {value}")
+    if value < 1:
+        raise ValueError(f"parameter {name} must be >= 1, got {value}")
     return value
+
+
+def _optional_count(parameters: Mapping[str, str], name: str) -> int | None:
+    """An integer >= 0 (0 meaning none or off); None when the parameter is empty."""
+    raw = parameters.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"parameter {name} must be an integer >= 0, got {raw!r}")
+    return int(raw)

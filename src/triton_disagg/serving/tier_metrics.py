@@ -11,16 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import triton_python_backend_utils as pb_utils
-
 from triton_disagg.engine.llm_engine import LLMEngine
+from triton_disagg.serving.metrics import metric_families
 
-GAUGES = {
+_GAUGES = {
     "triton_disagg_kv_tier_blocks": "KV blocks a tier holds (device: cached prefix blocks)",
     "triton_disagg_kv_tier_capacity_blocks": "KV blocks a tier can hold",
     "triton_disagg_kv_tier_hit_ratio": "Prompt blocks found in a tier over prompt blocks looked up, since start",
 }
-COUNTERS = {
+_COUNTERS = {
     "triton_disagg_kv_tier_offloaded_blocks_total": "KV blocks copied into a tier from the tier above (0 for device)",
     "triton_disagg_kv_tier_onboarded_blocks_total": "KV blocks brought back from a tier into the device pool (0 for device)",
     "triton_disagg_kv_tier_evicted_blocks_total": "KV blocks a tier dropped to make room",
@@ -88,12 +87,12 @@ def _ratio(num_hit_blocks: int, engine: LLMEngine) -> float:
 class TierMetrics:
     """The per-tier series of one worker. Call `refresh` on the engine thread; not thread-safe."""
 
-    def __init__(self, model_name: str, engine: LLMEngine, families: dict[str, pb_utils.MetricFamily]) -> None:
-        """`families` holds a family for each name in GAUGES and COUNTERS."""
+    def __init__(self, model_name: str, engine: LLMEngine) -> None:
         self._engine = engine
+        self._families = metric_families(gauges=_GAUGES, counters=_COUNTERS)
         self._series = _series(engine)
         self._metrics = [
-            families[s.family].Metric(labels={"model": model_name, **dict(s.labels)}) for s in self._series
+            self._families[s.family].Metric(labels={"model": model_name, **dict(s.labels)}) for s in self._series
         ]
         self._reported: list[float] = [0.0] * len(self._series)
         self.refresh()
@@ -103,7 +102,7 @@ class TierMetrics:
             value = series.read(self._engine)
             if value == self._reported[i]:
                 continue
-            if series.family in GAUGES:
+            if series.family in _GAUGES:
                 metric.set(value)
             else:
                 metric.increment(value - self._reported[i])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -12,10 +13,12 @@ import triton_python_backend_utils as pb_utils
 from triton_disagg.engine.async_engine import EngineThread
 from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
-from triton_disagg.engine.params import RequestOutput
+from triton_disagg.engine.params import InvalidRequest, RequestOutput
 from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.live_workers import kv_event_endpoints
 from triton_disagg.serving.metrics import WorkerMetrics
+from triton_disagg.serving.moe_metrics import MoeMetrics
+from triton_disagg.serving.tier_metrics import TierMetrics
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, int32_tensor
 from triton_disagg.router.config import PublisherConfig
 from triton_disagg.router.events import WorkerId
@@ -49,6 +52,8 @@ class EngineService:
             factory = lambda pool: NixlConnector(self.agent_name, pool, model_name)  # noqa: E731
         self.engine = LLMEngine(config, kv_connector_factory=factory)
         self.metrics = WorkerMetrics(model_name, self.engine)
+        self.tier_metrics = TierMetrics(model_name, self.engine)
+        self.moe_metrics = MoeMetrics(model_name, self.engine.eplb) if self.engine.eplb is not None else None
         self.directory = DirectoryClient()
         self.publisher = None
         if kv_events_dir:
@@ -84,10 +89,20 @@ class EngineService:
         if self.publisher is not None:
             self.publisher.publish(events)
         self.metrics.refresh()
+        self.tier_metrics.refresh()
+        if self.moe_metrics is not None:
+            self.moe_metrics.refresh(force=not self.engine.has_unfinished_requests())
 
     @property
     def engine_thread(self) -> EngineThread:
         return self._engine_thread
+
+    def send_expert_load(self, sender) -> None:
+        """Answer a `dump_expert_load` request: the latest expert-load snapshot as JSON (`expert_load`)."""
+        if self.moe_metrics is None:
+            raise InvalidRequest(f"{self.model_name} serves a dense model: it has no expert load to dump")
+        text = json.dumps(self.moe_metrics.dump())
+        sender.send(pb_utils.InferenceResponse(output_tensors=[bytes_tensor("expert_load", text)]), flags=FINAL)
 
     def abort(self, request_id: str) -> None:
         """Abort an in-flight request; its final (ABORT) response follows from the engine thread."""
@@ -100,7 +115,7 @@ class EngineService:
         this incarnation only, and a handle naming it fails its hold check.
         """
         self._engine_thread.stop()
-        self.engine.close()
+        self.engine.shutdown()
         if self.publisher is not None:
             self.publisher.close()
 

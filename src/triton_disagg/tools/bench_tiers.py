@@ -166,7 +166,7 @@ def run_config(name: str, config: EngineConfig, args: argparse.Namespace, disk_d
     if engine.tiers is not None:
         engine.check_integrity(expect_idle=True)
         result.tier_stats = asdict(engine.tiers.stats)
-    engine.close()
+    engine.shutdown()
     return result
 
 
@@ -209,7 +209,7 @@ def probe_decode_itl(name: str, config: EngineConfig, args: argparse.Namespace) 
         num_background += 1
     thread.stop()
     stats = engine.tiers.stats if engine.tiers is not None else None
-    engine.close()
+    engine.shutdown()
     itls = [b - a for a, b in zip(times, times[1:])]
     decode_s = times[-1] - times[0]
     row = {

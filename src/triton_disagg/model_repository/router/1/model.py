@@ -12,11 +12,12 @@ from triton_disagg.router.config import RouterConfig
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(json.loads(args["model_config"]))
+        host = parameters.get("server_host") or "localhost"
         self._service = RouterService(
             RouterConfig.from_mapping(parameters),
-            http_url=f"http://localhost:{parameters.get('http_port') or 8000}",
+            http_url=f"http://{host}:{parameters.get('http_port') or 8000}",
             kv_events_dir=parameters.get("kv_events_dir", ""),
-            metrics_url=f"http://localhost:{parameters['metrics_port']}/metrics" if parameters.get("metrics_port") else "",
+            metrics_url=f"http://{host}:{parameters['metrics_port']}/metrics" if parameters.get("metrics_port") else "",
             # Inherited from the server's environment (see src/triton_disagg/launch/server.py), never a parameter.
             repository_headers=model_control_headers(os.environ.get(MODEL_CONTROL_KEY_ENV)),
         )
