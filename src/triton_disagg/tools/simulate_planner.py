@@ -51,7 +51,8 @@ from triton_disagg.planner.core import Planner
 from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The checkout this file lies in (src/triton_disagg/tools/ -> the repository root).
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 #: Prompt tokens a simulated prefill worker batches together.
 PREFILL_BATCH_TOKENS = 16384
