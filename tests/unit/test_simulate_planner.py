@@ -12,7 +12,7 @@ import pytest
 
 from triton_disagg.planner.config import PlannerConfig
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
-from triton_disagg.tools.simulate_planner import STEP_S, Cluster, Request
+from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request
 
 
 def make_profile() -> PerformanceProfile:

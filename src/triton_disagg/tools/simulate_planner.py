@@ -40,9 +40,7 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
-from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,15 +48,12 @@ from triton_disagg.planner.config import PlannerConfig, PlannerPolicy
 from triton_disagg.planner.core import Planner
 from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request
+from triton_disagg.tools.planner_sim.workloads import bursty_arrivals, mooncake_arrivals
 
 #: The checkout this file lies in (src/triton_disagg/tools/ -> the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
-#: Prompt tokens a simulated prefill worker batches together.
-PREFILL_BATCH_TOKENS = 16384
-#: KV tokens one simulated decode worker holds.
-DECODE_KV_TOKENS = 2_000_000
-STEP_S = 0.05
 #: Time after the last arrival allowed for the pools to drain.
 DRAIN_S = 900.0
 
@@ -81,83 +76,6 @@ def synthetic_profile() -> PerformanceProfile:
         prefill=PrefillProfile(tuple(map(float, input_tokens)), tuple(map(float, batch_sizes)), ttft),
         decode=DecodeProfile(tuple(map(float, concurrency)), tuple(map(float, context)), itl),
     )
-
-
-# -- workloads ------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Request:
-    arrival_s: float
-    input_tokens: int
-    output_tokens: int
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    generated: float = 0.0
-    decoded_until_s: float | None = None  # the simulated time up to which `generated` is accounted
-    queued_at_step_s: float | None = None  # the step its prefill returned in
-
-    @property
-    def itl_ms(self) -> float:
-        if self.output_tokens <= 1:
-            return 0.0
-        return (self.finish_s - self.first_token_s) * 1000.0 / (self.output_tokens - 1)
-
-
-def bursty_arrivals(seed: int = 0, duration_s: float = 2400.0, base_rate_per_s: float = 1.5) -> list[tuple[float, int, int]]:
-    """Poisson arrivals; the rate ramps over 90 s to 4x the base for 3-5 min bursts, then back."""
-    rng = random.Random(seed)
-    bursts = [(300.0, 240.0, 4.0), (1000.0, 300.0, 3.0), (1700.0, 180.0, 5.0)]  # (start, length, factor)
-
-    def rate_at(t: float) -> float:
-        factor = 1.0
-        for start, length, peak in bursts:
-            ramp = 90.0
-            if start - ramp <= t < start:
-                factor = max(factor, 1 + (peak - 1) * (t - start + ramp) / ramp)
-            elif start <= t < start + length:
-                factor = max(factor, peak)
-            elif start + length <= t < start + length + ramp:
-                factor = max(factor, peak - (peak - 1) * (t - start - length) / ramp)
-        return base_rate_per_s * factor
-
-    top = base_rate_per_s * max(peak for *_, peak in bursts)
-    arrivals, t = [], 0.0
-    while True:
-        t += rng.expovariate(top)  # thinning of a Poisson process with a varying rate
-        if t >= duration_s:
-            return arrivals
-        if rng.random() < rate_at(t) / top:
-            input_tokens = int(min(120_000, max(64, rng.lognormvariate(math.log(6000), 0.8))))
-            output_tokens = int(min(2000, max(2, rng.lognormvariate(math.log(250), 0.6))))
-            arrivals.append((t, input_tokens, output_tokens))
-
-
-def mooncake_arrivals(path: Path) -> list[tuple[float, int, int]]:
-    """Mooncake trace rows: timestamp (ms), input_length, output_length."""
-    arrivals = []
-    with path.open() as lines:
-        for line in lines:
-            row = json.loads(line)
-            arrivals.append((row["timestamp"] / 1000.0, int(row["input_length"]), max(1, int(row["output_length"]))))
-    return sorted(arrivals)
-
-
-# -- simulated pools ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Worker:
-    loaded_at_s: float
-    ready_at_s: float
-    is_draining: bool = False
-    released_at_s: float | None = None
-    busy_until_s: float = 0.0
-    batch: list[Request] = field(default_factory=list)  # prefill: the batch in flight
-    running: list[Request] = field(default_factory=list)  # decode: requests decoding
-
-    def is_idle(self) -> bool:
-        return not self.batch and not self.running
 
 
 @dataclass(slots=True)
@@ -192,96 +110,6 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class Cluster:
-    """Prefill and decode pools served by the profile, stepped by `STEP_S`."""
-
-    def __init__(self, profile: PerformanceProfile, config: PlannerConfig, startup_s: float,
-                 num_prefill: int, num_decode: int) -> None:
-        self.profile, self.config, self.startup_s = profile, config, startup_s
-        self.prefill = [Worker(0.0, 0.0) for _ in range(num_prefill)]
-        self.decode = [Worker(0.0, 0.0) for _ in range(num_decode)]
-        self.prefill_queue: deque[Request] = deque()
-        self.decode_queue: deque[Request] = deque()
-        self.retired: list[Worker] = []
-
-    def live(self, pool: list[Worker]) -> list[Worker]:
-        return [w for w in pool if not w.is_draining]
-
-    def resize(self, pool: list[Worker], target: int, now_s: float) -> None:
-        live = self.live(pool)
-        for _ in range(target - len(live)):
-            pool.append(Worker(now_s, now_s + self.startup_s))
-        # Drain the least useful first: not yet ready, then idle, then least loaded.
-        victims = sorted(live, key=lambda w: (w.ready_at_s <= now_s, not w.is_idle(), len(w.running)))
-        for worker in victims[: max(0, len(live) - target)]:
-            worker.is_draining = True
-
-    def step(self, now_s: float, done: list[Request]) -> None:
-        for worker in self.prefill:
-            if worker.batch and worker.busy_until_s <= now_s:
-                for request in worker.batch:
-                    request.first_token_s = worker.busy_until_s
-                    request.queued_at_step_s = now_s
-                    self.decode_queue.append(request)
-                worker.batch = []
-            if not worker.batch and not worker.is_draining and worker.ready_at_s <= now_s and self.prefill_queue:
-                tokens = 0
-                while self.prefill_queue and (not worker.batch or tokens + self.prefill_queue[0].input_tokens <= PREFILL_BATCH_TOKENS):
-                    request = self.prefill_queue.popleft()
-                    worker.batch.append(request)
-                    tokens += request.input_tokens
-                ttft_ms = self.profile.prefill.ttft_at_ms(tokens / len(worker.batch), len(worker.batch))
-                worker.busy_until_s = now_s + ttft_ms / 1000.0
-        ready_decode = [w for w in self.decode if not w.is_draining and w.ready_at_s <= now_s]
-        while self.decode_queue and ready_decode:
-            request = self.decode_queue[0]
-            worker = min(ready_decode, key=lambda w: len(w.running))
-            if sum(r.input_tokens + r.generated for r in worker.running) + request.input_tokens + request.output_tokens > DECODE_KV_TOKENS:
-                break
-            # ITL is measured from the exact first token, so decode time is accounted exactly too: a
-            # request admitted the step its prefill returned decodes from its first token, and it
-            # finishes within a step, not at its end. Rounding both to steps charged a 1-3 token
-            # decode 50-100 ms whatever the ITL: 290 short Mooncake requests missed a 40 ms target
-            # under every pool size.
-            is_queued_this_step = request.queued_at_step_s == now_s
-            request.decoded_until_s = request.first_token_s if is_queued_this_step else now_s
-            worker.running.append(self.decode_queue.popleft())
-        for worker in self.decode:
-            if not worker.running:
-                continue
-            context = sum(r.input_tokens + r.generated for r in worker.running) / len(worker.running)
-            tokens_per_s = 1000.0 / self.profile.decode.itl_at_ms(len(worker.running), context)
-            still = []
-            for request in worker.running:
-                remaining_tokens = request.output_tokens - 1 - request.generated
-                available_s = now_s + STEP_S - request.decoded_until_s
-                if remaining_tokens <= available_s * tokens_per_s:
-                    request.generated += remaining_tokens
-                    request.finish_s = request.decoded_until_s + remaining_tokens / tokens_per_s
-                    done.append(request)
-                else:
-                    request.generated += available_s * tokens_per_s
-                    request.decoded_until_s = now_s + STEP_S
-                    still.append(request)
-            worker.running = still
-        for pool in (self.prefill, self.decode):
-            for worker in [w for w in pool if w.is_draining and w.is_idle()]:
-                worker.released_at_s = now_s
-                pool.remove(worker)
-                self.retired.append(worker)
-
-    def kv_usage(self) -> float:
-        workers = self.live(self.decode)
-        if not workers:
-            return 0.0
-        used = sum(r.input_tokens + r.generated for w in workers for r in w.running)
-        return used / (len(workers) * DECODE_KV_TOKENS)
-
-    def device_s(self, end_s: float) -> float:
-        workers = self.retired + self.prefill + self.decode
-        return sum((w.released_at_s if w.released_at_s is not None else end_s) - w.loaded_at_s for w in workers)
 
 
 def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
