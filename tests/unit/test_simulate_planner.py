@@ -50,3 +50,18 @@ def test_a_single_token_request_finishes_at_its_first_token() -> None:
     serve(request)
     assert request.finish_s == request.first_token_s
     assert request.itl_ms == 0.0
+
+
+def test_a_decode_worker_runs_no_more_requests_than_the_profile_covers() -> None:
+    """The profile stops at 2 concurrent requests: of three prefilled together, the third waits for
+    a slot, so it starts decoding only when the first two finish at 0.02 + 9 * 0.01 = 0.11 s
+    (the step at 0.15 s admits it) and ends 9 tokens later, at 0.15 + 0.09 = 0.24 s."""
+    cluster = Cluster(make_profile(), PlannerConfig(), startup_s=0.0, num_prefill=1, num_decode=1)
+    requests = [Request(arrival_s=0.0, input_tokens=500, output_tokens=10) for _ in range(3)]
+    cluster.prefill_queue.extend(requests)
+    done: list[Request] = []
+    now_s = 0.0
+    for _ in range(10):
+        cluster.step(now_s, done)
+        now_s += STEP_S
+    assert [r.finish_s for r in requests] == pytest.approx([0.11, 0.11, 0.24])

@@ -114,9 +114,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
                planner: Planner | None, num_prefill: int, num_decode: int, startup_s: float,
-               timeline: Timeline) -> tuple[list[Request], float, int, int]:
+               timeline: Timeline, unload_s: float = 0.0) -> tuple[list[Request], float, int, int]:
     """Simulate one policy; returns the requests, device-seconds, peak devices and scale events."""
-    cluster = Cluster(profile, config, startup_s, num_prefill, num_decode)
+    cluster = Cluster(profile, config, startup_s, num_prefill, num_decode, unload_s)
     requests = [Request(t, i, o) for t, i, o in arrivals]
     done: list[Request] = []
     interval_s = config.adjustment_interval_s
@@ -196,7 +196,7 @@ def static_split(arrivals: list[tuple[float, int, int]], profile: PerformancePro
 
 
 def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: PerformanceProfile,
-             base: PlannerConfig, startup_s: float) -> tuple[list[PolicyResult], dict[str, Timeline]]:
+             base: PlannerConfig, startup_s: float, unload_s: float) -> tuple[list[PolicyResult], dict[str, Timeline]]:
     policies: list[tuple[str, PlannerConfig | None, tuple[int, int]]] = []
     peak = static_split(arrivals, profile, base, "peak")
     mean = static_split(arrivals, profile, base, "mean")
@@ -213,7 +213,7 @@ def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: Per
         timeline = Timeline()
         planner = Planner(config, profile) if config is not None else None
         requests, device_s, max_devices, num_events = run_policy(
-            arrivals, profile, config or base, planner, num_prefill, num_decode, startup_s, timeline)
+            arrivals, profile, config or base, planner, num_prefill, num_decode, startup_s, timeline, unload_s)
         if static_peak_device_s is None:
             static_peak_device_s = device_s
         results.append(summarise(workload, name, requests, base, device_s, static_peak_device_s, max_devices, num_events))
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-s", type=float, default=float(_env("interval-s", "15")))
     parser.add_argument("--budget", type=int, default=int(_env("budget", "24")), help="device budget of the planner")
     parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", "10")), help="load time of a new worker")
+    parser.add_argument("--unload-s", type=float, default=float(_env("unload-s", "0")),
+                        help="unload time of a drained worker, during which it still holds its device")
     parser.add_argument("--headroom", type=float, default=float(_env("headroom", "0.4")),
                         help="capacity_headroom of the SLO policy and the static splits")
     parser.add_argument("--seed", type=int, default=int(_env("seed", "0")))
@@ -322,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             arrivals = mooncake_arrivals(args.trace)
         else:
             raise ValueError(f"--workloads: unknown workload {workload!r}; use bursty and/or mooncake")
-        workload_results, timelines = evaluate(workload, arrivals, profile, base, args.startup_s)
+        workload_results, timelines = evaluate(workload, arrivals, profile, base, args.startup_s, args.unload_s)
         results += workload_results
         plotted = plotted or timelines
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms, "interval_s": args.interval_s, "budget": args.budget,
-                "startup_s": args.startup_s, "seed": args.seed, "profile": str(args.profile or "synthetic"),
+                "startup_s": args.startup_s, "unload_s": args.unload_s, "seed": args.seed, "profile": str(args.profile or "synthetic"),
                 "planner": {k: (v.value if hasattr(v, "value") else v) for k, v in _config_dict(base).items()}}
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=1) + "\n")
     if plotted:

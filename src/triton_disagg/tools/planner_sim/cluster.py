@@ -4,10 +4,13 @@ A prefill worker takes waiting prompts FIFO in batches of up to
 `PREFILL_BATCH_TOKENS` tokens and returns them all after the batch's
 profiled TTFT. A decode worker advances each running request by
 dt / ITL(concurrency, mean context) tokens a step, from its first token when
-a slot is free then, and times its last token within the step; a request
-waits for a decode slot when every worker's KV is full. A worker added costs
-its device from the load call and serves after `startup_s`; a removed worker
-stops taking work and costs until drained.
+a slot is free then, and times its last token within the step. It runs at
+most as many requests as the profile's largest concurrency (an engine's
+`max_num_seqs`: the profile says nothing of ITL beyond it), and only as many
+as its KV holds; a request waits for a decode slot when no worker has one. A
+worker added costs its device from the load call and serves after
+`startup_s`; a removed worker stops taking work and costs until it has
+drained and `unload_s` more.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ class Cluster:
     """Prefill and decode pools served by the profile, stepped by `STEP_S`."""
 
     def __init__(self, profile: PerformanceProfile, config: PlannerConfig, startup_s: float,
-                 num_prefill: int, num_decode: int) -> None:
-        self.profile, self.config, self.startup_s = profile, config, startup_s
+                 num_prefill: int, num_decode: int, unload_s: float = 0.0) -> None:
+        self.profile, self.config, self.startup_s, self.unload_s = profile, config, startup_s, unload_s
+        self.max_running_per_decode_worker = int(profile.decode.concurrency[-1])
         self.prefill = [Worker(0.0, 0.0) for _ in range(num_prefill)]
         self.decode = [Worker(0.0, 0.0) for _ in range(num_decode)]
         self.prefill_queue: deque[Request] = deque()
@@ -101,6 +105,8 @@ class Cluster:
         while self.decode_queue and ready_decode:
             request = self.decode_queue[0]
             worker = min(ready_decode, key=lambda w: len(w.running))
+            if len(worker.running) >= self.max_running_per_decode_worker:
+                break
             if sum(r.input_tokens + r.generated for r in worker.running) + request.input_tokens + request.output_tokens > DECODE_KV_TOKENS:
                 break
             # ITL is measured from the exact first token, so decode time is accounted exactly too: a
@@ -131,7 +137,7 @@ class Cluster:
             worker.running = still
         for pool in (self.prefill, self.decode):
             for worker in [w for w in pool if w.is_draining and w.is_idle()]:
-                worker.released_at_s = now_s
+                worker.released_at_s = now_s + self.unload_s
                 pool.remove(worker)
                 self.retired.append(worker)
 
