@@ -48,7 +48,7 @@ from triton_disagg.planner.config import PlannerConfig, PlannerPolicy
 from triton_disagg.planner.core import Planner
 from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
-from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request
+from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request, percentile
 from triton_disagg.tools.planner_sim.workloads import bursty_arrivals, mooncake_arrivals
 
 #: The checkout this file lies in (src/triton_disagg/tools/ -> the repository root).
@@ -105,13 +105,6 @@ class PolicyResult:
     num_scale_events: int
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
                planner: Planner | None, num_prefill: int, num_decode: int, startup_s: float,
                timeline: Timeline, unload_s: float = 0.0) -> tuple[list[Request], float, int, int]:
@@ -135,27 +128,7 @@ def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfi
             continue
         finished = done[done_mark:]
         done_mark = len(done)
-        ttfts = [(r.first_token_s - r.arrival_s) * 1000.0 for r in finished]
-        itls = [r.itl_ms for r in finished if r.output_tokens > 1]
-        live_p, live_d = cluster.live(cluster.prefill), cluster.live(cluster.decode)
-        grace_s = config.grace_period_s
-        observation = IntervalObservation(
-            num_prefill_workers=len(live_p),
-            num_decode_workers=len(live_d),
-            num_requests=len(interval_arrivals),
-            request_rate_per_s=len(interval_arrivals) / interval_s,
-            mean_input_tokens=(sum(r.input_tokens for r in interval_arrivals) / len(interval_arrivals)) if interval_arrivals else None,
-            mean_output_tokens=(sum(r.output_tokens for r in interval_arrivals) / len(interval_arrivals)) if interval_arrivals else None,
-            num_prefill_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_p if w.loaded_at_s > 0),
-            num_decode_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_d if w.loaded_at_s > 0),
-            ttft_p50_ms=percentile(ttfts, 0.5),
-            ttft_p99_ms=percentile(ttfts, 0.99),
-            itl_p50_ms=percentile(itls, 0.5),
-            itl_p99_ms=percentile(itls, 0.99),
-            prefill_queue_tokens=sum(r.input_tokens for r in cluster.prefill_queue),
-            active_prefill_tokens=sum(r.input_tokens for w in live_p for r in w.batch),
-            decode_kv_usage=cluster.kv_usage(),
-        )
+        observation = cluster.observe(now_s, interval_s, interval_arrivals, finished, config.grace_period_s)
         if planner is not None:
             decision = planner.tick(observation, now_s)
             if decision.is_change:

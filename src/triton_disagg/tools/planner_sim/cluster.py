@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from triton_disagg.planner.config import PlannerConfig
+from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import PerformanceProfile
 
 #: Prompt tokens a simulated prefill worker batches together.
@@ -72,6 +73,8 @@ class Cluster:
         self.prefill_queue: deque[Request] = deque()
         self.decode_queue: deque[Request] = deque()
         self.retired: list[Worker] = []
+        #: Requests whose first token came since the caller last emptied this list.
+        self.first_tokens: list[Request] = []
 
     def live(self, pool: list[Worker]) -> list[Worker]:
         return [w for w in pool if not w.is_draining]
@@ -92,6 +95,7 @@ class Cluster:
                     request.first_token_s = worker.busy_until_s
                     request.queued_at_step_s = now_s
                     self.decode_queue.append(request)
+                    self.first_tokens.append(request)
                 worker.batch = []
             if not worker.batch and not worker.is_draining and worker.ready_at_s <= now_s and self.prefill_queue:
                 tokens = 0
@@ -141,6 +145,40 @@ class Cluster:
                 pool.remove(worker)
                 self.retired.append(worker)
 
+    def observe(self, now_s: float, interval_s: float, arrived: list[Request], finished: list[Request],
+                grace_s: float) -> IntervalObservation:
+        """The interval as the planner's metrics reader sees it on a real server (planner/scrape.py).
+
+        Arrivals give the rate and mean prompt length (`llm` counts prompts when it accepts them);
+        requests that finished give the mean output length (counted when a request ends), and
+        first tokens the mean TTFT; the mean ITL is over the decode time of requests that finished
+        (waits for a slot included); queue, in-flight prompts, running requests and KV usage are
+        read at the tick. Empties `first_tokens`.
+        """
+        first_tokens, self.first_tokens = self.first_tokens, []
+        ttfts = [(r.first_token_s - r.arrival_s) * 1000.0 for r in first_tokens]
+        decoded = [r for r in finished if r.output_tokens > 1]
+        num_gaps = sum(r.output_tokens - 1 for r in decoded)
+        live_p, live_d = self.live(self.prefill), self.live(self.decode)
+        return IntervalObservation(
+            num_prefill_workers=len(live_p),
+            num_decode_workers=len(live_d),
+            num_requests=len(arrived),
+            request_rate_per_s=len(arrived) / interval_s,
+            mean_input_tokens=_mean([r.input_tokens for r in arrived]),
+            mean_output_tokens=_mean([r.output_tokens for r in finished]),
+            num_prefill_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_p if w.loaded_at_s > 0),
+            num_decode_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_d if w.loaded_at_s > 0),
+            ttft_p50_ms=percentile(ttfts, 0.5),
+            ttft_p99_ms=percentile(ttfts, 0.99),
+            ttft_mean_ms=_mean(ttfts),
+            itl_mean_ms=sum((r.finish_s - r.first_token_s) * 1000.0 for r in decoded) / num_gaps if num_gaps else None,
+            prefill_queue_tokens=sum(r.input_tokens for r in self.prefill_queue),
+            active_prefill_tokens=sum(r.input_tokens for w in live_p for r in w.batch),
+            decode_running_requests=sum(len(w.running) for w in live_d) / len(live_d) if live_d else None,
+            decode_kv_usage=self.kv_usage(),
+        )
+
     def kv_usage(self) -> float:
         workers = self.live(self.decode)
         if not workers:
@@ -151,3 +189,14 @@ class Cluster:
     def device_s(self, end_s: float) -> float:
         workers = self.retired + self.prefill + self.decode
         return sum((w.released_at_s if w.released_at_s is not None else end_s) - w.loaded_at_s for w in workers)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
