@@ -2,7 +2,7 @@
 
     python -m triton_disagg.tools.simulate_planner [--trace ../shared/traces/synthetic_trace.jsonl] [--profile FILE]
                                      [--ttft-ms 3000] [--itl-ms 40] [--interval-s 15] [--budget 24]
-                                     [--startup-s 10] [--headroom 0.4] [--out results/simulate_planner]
+                                     [--startup-s 16] [--unload-s 1.6] [--headroom 0.4] [--out results/simulate_planner]
 
 Two workloads: `bursty` (Poisson arrivals whose rate ramps up to bursts of
 several times the base rate, lognormal lengths, fixed seed) and `mooncake`
@@ -13,15 +13,12 @@ for the constant, moving-average and Holt predictors.
 
 Simulated workers follow the profile (`--profile`, or a synthetic one of a
 7B-class model on an H100: prefill about 25k tokens/s at short prompts,
-slower with length; decode ITL growing with concurrency and context). A
-prefill worker takes waiting prompts FIFO in batches of up to 16384 tokens
-and returns them all after the batch's profiled TTFT. A decode worker
-advances each running request by dt / ITL(concurrency, mean context) tokens
-a step, from its first token when a slot is free then, and times its last
-token within the step; a request waits for a decode slot when every worker's
-KV is full.
-A worker the planner adds costs devices from the load call and serves after
-`--startup-s`; a removed worker stops taking work and costs until drained.
+slower with length; decode ITL growing with concurrency and context); the
+worker model is in planner_sim/cluster.py. A worker the planner adds costs
+its device from the load call and serves after `--startup-s`; a removed one
+stops taking work and costs until drained plus `--unload-s`. Both default to
+what `python -m triton_disagg.tools.bench_worker_load` measured on a real
+server (docs/benchmarks/planner/worker_load.json).
 
 A request meets its SLO when its TTFT and its mean ITL (decode time, waits
 included, over output tokens - 1) are both within target. Reported per
@@ -56,6 +53,12 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 #: Time after the last arrival allowed for the pools to drain.
 DRAIN_S = 900.0
+#: A worker's start-up and unload on a real server, measured by `python -m triton_disagg.tools.bench_worker_load`
+#: (docs/benchmarks/planner/worker_load.json: medians over prefill and decode workers of the default model, on a
+#: loaded 2-core CPU machine): from the load call until the router routes to the worker, and drain-and-unload of
+#: an idle worker until Triton lists it unloaded.
+MEASURED_STARTUP_S = 16.0
+MEASURED_UNLOAD_S = 1.6
 
 
 def synthetic_profile() -> PerformanceProfile:
@@ -270,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--itl-ms", type=float, default=float(_env("itl-ms", "40")))
     parser.add_argument("--interval-s", type=float, default=float(_env("interval-s", "15")))
     parser.add_argument("--budget", type=int, default=int(_env("budget", "24")), help="device budget of the planner")
-    parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", "10")), help="load time of a new worker")
-    parser.add_argument("--unload-s", type=float, default=float(_env("unload-s", "0")),
-                        help="unload time of a drained worker, during which it still holds its device")
+    parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", str(MEASURED_STARTUP_S))),
+                        help="seconds from a worker's load call until it serves (default: measured on a real server)")
+    parser.add_argument("--unload-s", type=float, default=float(_env("unload-s", str(MEASURED_UNLOAD_S))),
+                        help="seconds a drained worker takes to unload, holding its device (default: measured)")
     parser.add_argument("--headroom", type=float, default=float(_env("headroom", "0.4")),
                         help="capacity_headroom of the SLO policy and the static splits")
     parser.add_argument("--seed", type=int, default=int(_env("seed", "0")))
