@@ -186,9 +186,13 @@ class Cluster:
         used = sum(r.input_tokens + r.generated for w in workers for r in w.running)
         return used / (len(workers) * DECODE_KV_TOKENS)
 
-    def device_s(self, end_s: float) -> float:
+    def device_s(self, from_s: float, end_s: float) -> float:
+        """Device-seconds the workers held between `from_s` and `end_s`."""
         workers = self.retired + self.prefill + self.decode
-        return sum((w.released_at_s if w.released_at_s is not None else end_s) - w.loaded_at_s for w in workers)
+        return sum(
+            max(0.0, min(end_s, w.released_at_s if w.released_at_s is not None else end_s) - max(from_s, w.loaded_at_s))
+            for w in workers
+        )
 
 
 def percentile(values: list[float], q: float) -> float | None:
