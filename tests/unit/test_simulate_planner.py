@@ -1,4 +1,4 @@
-"""The planner simulator's decode accounting.
+"""The planner simulator: its worker model, its workloads, its report.
 
 The flat profile prefills any batch in 20 ms and decodes at 10 ms a token, so
 a request arriving at 0 s has its first token at 0.02 s (returned in the step
@@ -8,11 +8,15 @@ exactly 10 ms, however the 50 ms steps fall.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from triton_disagg.planner.config import PlannerConfig
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
 from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request
+from triton_disagg.tools.planner_sim.workloads import shifting_arrivals
+from triton_disagg.tools.simulate_planner import Simulation, evaluate, synthetic_profile
 
 
 def make_profile() -> PerformanceProfile:
@@ -65,3 +69,35 @@ def test_a_decode_worker_runs_no_more_requests_than_the_profile_covers() -> None
         cluster.step(now_s, done)
         now_s += STEP_S
     assert [r.finish_s for r in requests] == pytest.approx([0.11, 0.11, 0.24])
+
+
+def test_the_shifting_workload_moves_its_load_from_decode_to_prefill_and_back() -> None:
+    """Mean lengths of the phases' settled parts (blends left out): long outputs, then long prompts, then
+    long outputs again."""
+    arrivals = shifting_arrivals(seed=0)
+    assert arrivals == sorted(arrivals) and arrivals == shifting_arrivals(seed=0)
+
+    def means(from_s: float, to_s: float) -> tuple[float, float]:
+        rows = [(i, o) for t, i, o in arrivals if from_s <= t < to_s]
+        return sum(i for i, _ in rows) / len(rows), sum(o for _, o in rows) / len(rows)
+
+    decode_bound, prefill_bound, decode_again = means(300, 840), means(900, 1440), means(1500, 2040)
+    for inputs, outputs in (decode_bound, decode_again):
+        assert inputs < 2000 and outputs > 2000
+    assert prefill_bound[0] > 20000 and prefill_bound[1] < 150
+
+
+def test_every_policy_reports_the_keys_the_recorded_results_use() -> None:
+    """A minute of steady traffic through `evaluate`: one row per policy, static_peak the reference."""
+    arrivals = [(0.2 * i, 2000, 50) for i in range(300)]
+    config = PlannerConfig(ttft_ms=3000.0, itl_ms=40.0, adjustment_interval_s=15.0, device_kind="h100",
+                           device_budget=8, max_prefill_workers=7, max_decode_workers=7)
+    sim = Simulation(synthetic_profile(), startup_s=10.0, unload_s=1.0, warmup_s=0.0)
+    results, timelines = evaluate("steady", arrivals, synthetic_profile(), config, sim)
+    rows = {r.policy: asdict(r) for r in results}
+    assert set(rows) == {"static_peak", "static_mean", "load", "slo_constant", "slo_moving_average", "slo_holt", "slo_quantile"}
+    for row in rows.values():
+        assert {"workload", "policy", "slo_attainment_pct", "device_s_vs_static_peak"} <= set(row)
+        assert row["workload"] == "steady" and row["num_requests"] == 300
+    assert rows["static_peak"]["device_s_vs_static_peak"] == 1.0
+    assert set(timelines) == set(rows)

@@ -44,6 +44,8 @@ class IntervalObservation:
     active_prefill_tokens: int | None = None
     #: Mean requests running per decode worker, at the end of the interval.
     decode_running_requests: float | None = None
+    #: Mean requests queued per decode worker (waiting for a slot in its batch), at the end of the interval.
+    decode_waiting_requests: float | None = None
     #: Mean fraction (0-1) of the decode workers' KV cache in use.
     decode_kv_usage: float | None = None
 

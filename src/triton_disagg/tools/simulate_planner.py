@@ -38,15 +38,16 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from triton_disagg.planner.config import PlannerConfig, PlannerPolicy
+from triton_disagg.planner.config import PlannerConfig, PlannerPolicy, PredictorKind
 from triton_disagg.planner.core import Planner
-from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+from triton_disagg.planner.sizing import LoadForecast, decode_need, prefill_need
 from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request, percentile
-from triton_disagg.tools.planner_sim.workloads import bursty_arrivals, mooncake_arrivals
+from triton_disagg.tools.planner_sim.report import PolicyResult, Timeline, plot, print_table
+from triton_disagg.tools.planner_sim.workloads import bursty_arrivals, mooncake_arrivals, shifting_arrivals
 
 #: The checkout this file lies in (src/triton_disagg/tools/ -> the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -59,6 +60,7 @@ DRAIN_S = 900.0
 #: an idle worker until Triton lists it unloaded.
 MEASURED_STARTUP_S = 16.0
 MEASURED_UNLOAD_S = 1.6
+WORKLOADS = ("bursty", "mooncake", "shifting")
 
 
 def synthetic_profile() -> PerformanceProfile:
@@ -81,40 +83,31 @@ def synthetic_profile() -> PerformanceProfile:
     )
 
 
-@dataclass(slots=True)
-class Timeline:
-    at_s: list[float] = field(default_factory=list)
-    num_prefill_workers: list[int] = field(default_factory=list)
-    num_decode_workers: list[int] = field(default_factory=list)
-    ttft_p99_ms: list[float | None] = field(default_factory=list)
-    request_rate_per_s: list[float] = field(default_factory=list)
+def slowed(profile: PerformanceProfile, factor: float) -> PerformanceProfile:
+    """The profile with every latency (prefill TTFT, decode ITL) `factor` times as long."""
+    return replace(
+        profile,
+        prefill=replace(profile.prefill, ttft_ms=tuple(tuple(v * factor for v in row) for row in profile.prefill.ttft_ms)),
+        decode=replace(profile.decode, itl_ms=tuple(tuple(v * factor for v in row) for row in profile.decode.itl_ms)),
+    )
 
 
-@dataclass(slots=True)
-class PolicyResult:
-    workload: str
-    policy: str
-    num_requests: int
-    slo_attainment_pct: float
-    #: Over every request, those of the warm-up too.
-    slo_attainment_all_pct: float
-    ttft_attainment_pct: float
-    itl_attainment_pct: float
-    device_s: float
-    device_s_vs_static_peak: float
-    max_devices: int
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    itl_p50_ms: float
-    itl_p99_ms: float
-    num_scale_events: int
+@dataclass(slots=True, frozen=True)
+class Simulation:
+    """What every policy of a run shares: the workers' speed and lifecycle, and the window measured."""
+
+    #: The profile the simulated workers run at (the planners read `PerformanceProfile` they are given).
+    worker_profile: PerformanceProfile
+    startup_s: float
+    unload_s: float
+    warmup_s: float
 
 
-def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
-               planner: Planner | None, num_prefill: int, num_decode: int, startup_s: float,
-               timeline: Timeline, unload_s: float = 0.0, warmup_s: float = 0.0) -> tuple[list[Request], float, int, int]:
-    """Simulate one policy; returns the requests, device-seconds after `warmup_s`, peak devices and scale events."""
-    cluster = Cluster(profile, config, startup_s, num_prefill, num_decode, unload_s)
+def run_policy(arrivals: list[tuple[float, int, int]], sim: Simulation, config: PlannerConfig,
+               planner: Planner | None, num_prefill: int, num_decode: int,
+               timeline: Timeline) -> tuple[list[Request], float, int, int]:
+    """Simulate one policy; returns the requests, device-seconds after the warm-up, peak devices and scale events."""
+    cluster = Cluster(sim.worker_profile, config, sim.startup_s, num_prefill, num_decode, sim.unload_s)
     requests = [Request(t, i, o) for t, i, o in arrivals]
     done: list[Request] = []
     interval_s = config.adjustment_interval_s
@@ -140,50 +133,59 @@ def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfi
                 num_events += 1
                 cluster.resize(cluster.prefill, decision.num_prefill_workers, now_s)
                 cluster.resize(cluster.decode, decision.num_decode_workers, now_s)
-        max_devices = max(max_devices, len(cluster.prefill) + len(cluster.decode))
+        max_devices = max(max_devices, cluster.devices_held(now_s))
         timeline.at_s.append(now_s)
         timeline.num_prefill_workers.append(len(cluster.live(cluster.prefill)))
         timeline.num_decode_workers.append(len(cluster.live(cluster.decode)))
+        timeline.num_devices.append(cluster.devices_held(now_s))
         timeline.ttft_p99_ms.append(observation.ttft_p99_ms)
-        timeline.request_rate_per_s.append(observation.request_rate_per_s)
+        timeline.prompt_tokens_per_s.append(sum(r.input_tokens for r in interval_arrivals) / interval_s)
+        timeline.output_tokens_per_s.append(sum(r.output_tokens for r in interval_arrivals) / interval_s)
         interval_arrivals = []
         next_tick_s += interval_s
-    return requests, cluster.device_s(warmup_s, now_s), max_devices, num_events
+    return requests, cluster.device_s(sim.warmup_s, now_s), max_devices, num_events
 
 
 def static_split(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
                  which: str) -> tuple[int, int]:
-    """Pool sizes the SLO arithmetic gives for the busiest (`peak`) or the mean interval's load."""
+    """Pool sizes the SLO arithmetic (planner/sizing.py) gives for the busiest (`peak`) or the mean
+    interval's load, each interval's rate and mean lengths known in hindsight; at least 1 each."""
     interval_s = config.adjustment_interval_s
     buckets: dict[int, list[tuple[float, int, int]]] = {}
     for arrival in arrivals:
         buckets.setdefault(int(arrival[0] // interval_s), []).append(arrival)
     sizes = []
     for rows in buckets.values():
-        planner = Planner(replace(config, max_prefill_workers=10_000, max_decode_workers=10_000,
-                                  device_budget=20_000, min_requests_per_interval=1), profile)
-        observation = IntervalObservation(
-            num_prefill_workers=1, num_decode_workers=1, num_requests=len(rows),
-            request_rate_per_s=len(rows) / interval_s,
-            mean_input_tokens=sum(r[1] for r in rows) / len(rows), mean_output_tokens=sum(r[2] for r in rows) / len(rows))
-        decision = planner.tick(observation, 0.0)
-        sizes.append((decision.num_prefill_workers, decision.num_decode_workers))
+        load = LoadForecast(
+            prefill_tokens_per_s=sum(r[1] for r in rows) / interval_s,
+            decode_tokens_per_s=sum(r[2] for r in rows) / interval_s,
+            input_tokens=sum(r[1] for r in rows) / len(rows),
+            output_tokens=sum(r[2] for r in rows) / len(rows),
+        )
+        sizes.append(tuple(max(1, math.ceil(need.num_workers - 1e-9))
+                           for need in (prefill_need(profile, config, load), decode_need(profile, config, load))))
     if which == "peak":
         return max(p for p, _ in sizes), max(d for _, d in sizes)
     return (max(1, round(sum(p for p, _ in sizes) / len(sizes))), max(1, round(sum(d for _, d in sizes) / len(sizes))))
 
 
 def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: PerformanceProfile,
-             base: PlannerConfig, startup_s: float, unload_s: float, warmup_s: float) -> tuple[list[PolicyResult], dict[str, Timeline]]:
+             base: PlannerConfig, sim: Simulation) -> tuple[list[PolicyResult], dict[str, Timeline]]:
+    """Run every policy on `arrivals`; the planners and the static splits read `profile`.
+
+    When the simulated workers do not run at `profile` (`sim.worker_profile`), each SLO policy also
+    runs without its latency correction (`slo_<predictor>_uncorrected`).
+    """
     policies: list[tuple[str, PlannerConfig | None, tuple[int, int]]] = []
-    peak = static_split(arrivals, profile, base, "peak")
-    mean = static_split(arrivals, profile, base, "mean")
-    policies.append(("static_peak", None, peak))
-    policies.append(("static_mean", None, mean))
+    policies.append(("static_peak", None, static_split(arrivals, profile, base, "peak")))
+    policies.append(("static_mean", None, static_split(arrivals, profile, base, "mean")))
     start = (base.min_prefill_workers, base.min_decode_workers)
     policies.append(("load", replace(base, policy=PlannerPolicy.LOAD), start))
-    for predictor in ("constant", "moving_average", "holt"):
-        policies.append((f"slo_{predictor}", replace(base, predictor=predictor), start))
+    for predictor in PredictorKind:
+        policies.append((f"slo_{predictor.value}", replace(base, predictor=predictor), start))
+        if sim.worker_profile != profile:
+            config = replace(base, predictor=predictor, latency_correction=False)
+            policies.append((f"slo_{predictor.value}_uncorrected", config, start))
     results, timelines = [], {}
     static_peak_device_s = None
     for name, config, (num_prefill, num_decode) in policies:
@@ -191,17 +193,18 @@ def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: Per
         timeline = Timeline()
         planner = Planner(config, profile) if config is not None else None
         requests, device_s, max_devices, num_events = run_policy(
-            arrivals, profile, config or base, planner, num_prefill, num_decode, startup_s, timeline, unload_s, warmup_s)
+            arrivals, sim, config or base, planner, num_prefill, num_decode, timeline)
         if static_peak_device_s is None:
             static_peak_device_s = device_s
         results.append(summarise(workload, name, requests, base, device_s, static_peak_device_s, max_devices,
-                                 num_events, warmup_s))
+                                 num_events, sim.warmup_s, None if config is None else config.device_budget, timeline))
         timelines[name] = timeline
     return results, timelines
 
 
 def summarise(workload: str, policy: str, requests: list[Request], config: PlannerConfig, device_s: float,
-              static_peak_device_s: float, max_devices: int, num_events: int, warmup_s: float) -> PolicyResult:
+              static_peak_device_s: float, max_devices: int, num_events: int, warmup_s: float,
+              device_budget: int | None, timeline: Timeline) -> PolicyResult:
     """Latency figures of the requests that arrived after `warmup_s`; `slo_attainment_all_pct` counts all."""
     slo_all = sum(_meets_slo(r, config) for r in requests) * 100.0 / len(requests)
     requests = [r for r in requests if r.arrival_s >= warmup_s]
@@ -222,6 +225,9 @@ def summarise(workload: str, policy: str, requests: list[Request], config: Plann
         device_s=round(device_s, 1),
         device_s_vs_static_peak=round(device_s / static_peak_device_s, 3),
         max_devices=max_devices,
+        device_budget=device_budget,
+        prefill_changed=len(set(timeline.num_prefill_workers)) > 1,
+        decode_changed=len(set(timeline.num_decode_workers)) > 1,
         ttft_p50_ms=round(percentile(ttfts, 0.5), 1),
         ttft_p99_ms=round(percentile(ttfts, 0.99), 1),
         itl_p50_ms=round(percentile(finite_itls, 0.5), 2),
@@ -236,44 +242,6 @@ def _meets_slo(request: Request, config: PlannerConfig) -> bool:
     return (request.first_token_s - request.arrival_s) * 1000.0 <= config.ttft_ms and request.itl_ms <= config.itl_ms
 
 
-def print_table(results: list[PolicyResult]) -> None:
-    header = f"{'workload':<9} {'policy':<19} {'SLO %':>6} {'all %':>6} {'TTFT %':>6} {'ITL %':>6} {'dev-s':>9} {'vs peak':>7} {'max dev':>7} {'TTFT p99 ms':>11} {'ITL p99 ms':>10} {'events':>6}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.workload:<9} {r.policy:<19} {r.slo_attainment_pct:6.1f} {r.slo_attainment_all_pct:6.1f} {r.ttft_attainment_pct:6.1f} "
-              f"{r.itl_attainment_pct:6.1f} {r.device_s:9.0f} {r.device_s_vs_static_peak:7.2f} {r.max_devices:7d} "
-              f"{r.ttft_p99_ms:11.0f} {r.itl_p99_ms:10.1f} {r.num_scale_events:6d}")
-
-
-def plot(timelines: dict[str, Timeline], config: PlannerConfig, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
-    first = next(iter(timelines.values()))
-    axes[0].plot(first.at_s, first.request_rate_per_s, color="black")
-    axes[0].set_ylabel("arrivals / s")
-    for name, timeline in timelines.items():
-        axes[1].step(timeline.at_s, timeline.num_prefill_workers, where="post", label=name)
-        axes[2].step(timeline.at_s, timeline.num_decode_workers, where="post", label=name)
-        points = [(t, v) for t, v in zip(timeline.at_s, timeline.ttft_p99_ms) if v is not None]
-        axes[3].plot([t for t, _ in points], [v for _, v in points], label=name)
-    axes[1].set_ylabel("prefill workers")
-    axes[2].set_ylabel("decode workers")
-    axes[3].axhline(config.ttft_ms, color="red", linestyle="--", label="TTFT target")
-    axes[3].set_ylabel("TTFT p99 per interval, ms")
-    axes[3].set_yscale("log")
-    axes[3].set_xlabel("time, s")
-    axes[1].legend(fontsize=8, ncol=3)
-    axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"TRITON_DISAGG_SIMULATE_{name.upper().replace('-', '_')}", default)
 
@@ -285,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=float, default=float(_env("ttft-ms", "3000")))
     parser.add_argument("--itl-ms", type=float, default=float(_env("itl-ms", "40")))
     parser.add_argument("--interval-s", type=float, default=float(_env("interval-s", "15")))
-    parser.add_argument("--budget", type=int, default=int(_env("budget", "24")), help="device budget of the planner")
+    parser.add_argument("--budget", type=int, default=int(_env("budget", "24")),
+                        help="device budget of the planners on the bursty and mooncake workloads")
+    parser.add_argument("--shifting-budget", type=int, default=int(_env("shifting-budget", "10")),
+                        help="device budget of the planners on the shifting workload (both pools share it)")
     parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", str(MEASURED_STARTUP_S))),
                         help="seconds from a worker's load call until it serves (default: measured on a real server)")
     parser.add_argument("--unload-s", type=float, default=float(_env("unload-s", str(MEASURED_UNLOAD_S))),
@@ -294,40 +265,53 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests arriving before this are served but not counted, nor devices held before it")
     parser.add_argument("--headroom", type=float, default=float(_env("headroom", "0.4")),
                         help="capacity_headroom of the SLO policy and the static splits")
+    parser.add_argument("--worker-slowdown", type=float, default=float(_env("worker-slowdown", "1")),
+                        help="simulated workers take this many times the profile's latencies (the planners still "
+                             "read the profile); other than 1, SLO policies also run uncorrected")
     parser.add_argument("--seed", type=int, default=int(_env("seed", "0")))
-    parser.add_argument("--workloads", default=_env("workloads", "bursty,mooncake"))
+    parser.add_argument("--workloads", default=_env("workloads", ",".join(WORKLOADS)))
     parser.add_argument("--out", type=Path, default=Path(_env("out", str(REPO_ROOT / "results" / "simulate_planner"))))
     args = parser.parse_args(argv)
+    workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads: unknown workload(s) {', '.join(unknown)}; use any of {', '.join(WORKLOADS)}")
+    if args.worker_slowdown <= 0:
+        parser.error(f"--worker-slowdown must be > 0, got {args.worker_slowdown}")
 
     profile = PerformanceProfile.load(args.profile) if args.profile else synthetic_profile()
+    sim = Simulation(slowed(profile, args.worker_slowdown) if args.worker_slowdown != 1 else profile,
+                     args.startup_s, args.unload_s, args.warmup_s)
     base = PlannerConfig(
         policy=PlannerPolicy.SLO, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, adjustment_interval_s=args.interval_s,
-        device_kind=profile.device_kind, device_budget=args.budget, max_prefill_workers=args.budget - 1,
-        max_decode_workers=args.budget - 1, devices_per_prefill_worker=profile.devices_per_worker,
+        device_kind=profile.device_kind, devices_per_prefill_worker=profile.devices_per_worker,
         devices_per_decode_worker=profile.devices_per_worker, grace_period_s=args.startup_s + args.interval_s,
-        scale_down_cooldown_s=4 * args.interval_s, capacity_headroom=args.headroom,
+        scale_down_cooldown_s=2 * args.interval_s, scale_down_window_s=2 * args.interval_s,
+        capacity_headroom=args.headroom, worker_startup_s=args.startup_s,
     )
     results: list[PolicyResult] = []
-    plotted: dict[str, Timeline] | None = None
-    for workload in args.workloads.split(","):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for workload in workloads:
         if workload == "bursty":
             arrivals = bursty_arrivals(args.seed)
         elif workload == "mooncake":
             arrivals = mooncake_arrivals(args.trace)
         else:
-            raise ValueError(f"--workloads: unknown workload {workload!r}; use bursty and/or mooncake")
-        workload_results, timelines = evaluate(workload, arrivals, profile, base, args.startup_s, args.unload_s, args.warmup_s)
+            arrivals = shifting_arrivals(args.seed)
+        budget = args.shifting_budget if workload == "shifting" else args.budget
+        config = replace(base, device_budget=budget, max_prefill_workers=budget - 1, max_decode_workers=budget - 1)
+        workload_results, timelines = evaluate(workload, arrivals, profile, config, sim)
         results += workload_results
-        plotted = plotted or timelines
+        plot(timelines, args.ttft_ms, budget, args.out.parent / f"{args.out.name}_{workload}.png",
+             f"{workload} workload: load, pool sizes and TTFT p99 per interval")
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms, "interval_s": args.interval_s, "budget": args.budget,
-                "startup_s": args.startup_s, "unload_s": args.unload_s, "warmup_s": args.warmup_s, "seed": args.seed, "profile": str(args.profile or "synthetic"),
+                "shifting_budget": args.shifting_budget, "startup_s": args.startup_s, "unload_s": args.unload_s,
+                "warmup_s": args.warmup_s, "worker_slowdown": args.worker_slowdown, "seed": args.seed,
+                "profile": str(args.profile or "synthetic"),
                 "planner": {k: (v.value if hasattr(v, "value") else v) for k, v in _config_dict(base).items()}}
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=1) + "\n")
-    if plotted:
-        plot(plotted, base, args.out.with_suffix(".png"), f"{args.workloads.split(',')[0]} workload: pool sizes and TTFT p99")
-    print(f"[simulate_planner] wrote {args.out.with_suffix('.json')} and .png", file=sys.stderr)
+    print(f"[simulate_planner] wrote {args.out.with_suffix('.json')} and {args.out.name}_<workload>.png", file=sys.stderr)
     return 0
 
 

@@ -88,6 +88,11 @@ class Cluster:
         for worker in victims[: max(0, len(live) - target)]:
             worker.is_draining = True
 
+    def devices_held(self, now_s: float) -> int:
+        """Devices held now: loaded workers, draining ones included, and those still unloading."""
+        loaded = sum(w.loaded_at_s <= now_s for w in self.prefill + self.decode)
+        return loaded + sum(w.released_at_s is not None and w.released_at_s > now_s for w in self.retired)
+
     def step(self, now_s: float, done: list[Request]) -> None:
         for worker in self.prefill:
             if worker.batch and worker.busy_until_s <= now_s:
@@ -152,8 +157,8 @@ class Cluster:
         Arrivals give the rate and mean prompt length (`llm` counts prompts when it accepts them);
         requests that finished give the mean output length (counted when a request ends), and
         first tokens the mean TTFT; the mean ITL is over the decode time of requests that finished
-        (waits for a slot included); queue, in-flight prompts, running requests and KV usage are
-        read at the tick. Empties `first_tokens`.
+        (waits for a slot included); queued and in-flight prompts, running and waiting decode
+        requests and KV usage are read at the tick. Empties `first_tokens`.
         """
         first_tokens, self.first_tokens = self.first_tokens, []
         ttfts = [(r.first_token_s - r.arrival_s) * 1000.0 for r in first_tokens]
@@ -176,6 +181,7 @@ class Cluster:
             prefill_queue_tokens=sum(r.input_tokens for r in self.prefill_queue),
             active_prefill_tokens=sum(r.input_tokens for w in live_p for r in w.batch),
             decode_running_requests=sum(len(w.running) for w in live_d) / len(live_d) if live_d else None,
+            decode_waiting_requests=len(self.decode_queue) / len(live_d) if live_d else None,
             decode_kv_usage=self.kv_usage(),
         )
 
