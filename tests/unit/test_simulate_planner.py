@@ -8,6 +8,7 @@ exactly 10 ms, however the 50 ms steps fall.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import pytest
@@ -69,6 +70,32 @@ def test_a_decode_worker_runs_no_more_requests_than_the_profile_covers() -> None
         cluster.step(now_s, done)
         now_s += STEP_S
     assert [r.finish_s for r in requests] == pytest.approx([0.11, 0.11, 0.24])
+
+
+def test_under_a_device_budget_a_new_worker_waits_until_a_drained_one_has_unloaded() -> None:
+    """Budget 2, held by prefill_0 and decode_0, which runs a 20-token request until 0.02 + 19 x 0.01
+    = 0.21 s. At 0.10 s decode_0 is drained and a second prefill worker asked for: it waits for the
+    device, which decode_0 frees once it has finished (the step at 0.20 s) and unloaded 0.12 s later,
+    at 0.32 s; the step at 0.35 s loads the new worker, which serves from 0.35 + 1 s start-up."""
+    cluster = Cluster(make_profile(), PlannerConfig(), startup_s=1.0, num_prefill=1, num_decode=1, unload_s=0.12,
+                      device_budget=2)
+    request = Request(arrival_s=0.0, input_tokens=1000, output_tokens=20)
+    cluster.prefill_queue.append(request)
+    done: list[Request] = []
+    now_s = 0.0
+    for _ in range(2):
+        cluster.step(now_s, done)
+        now_s += STEP_S
+    cluster.resize(cluster.decode, 0, now_s)
+    cluster.resize(cluster.prefill, 2, now_s)
+    waiting = cluster.prefill[-1]
+    assert cluster.devices_held(now_s) == 2 and waiting.loaded_at_s == math.inf
+    for _ in range(6):
+        cluster.step(now_s, done)
+        now_s += STEP_S
+    assert request.finish_s == pytest.approx(0.21)
+    assert (waiting.loaded_at_s, waiting.ready_at_s) == (pytest.approx(0.35), pytest.approx(1.35))
+    assert cluster.devices_held(now_s) == 2
 
 
 def test_the_shifting_workload_moves_its_load_from_decode_to_prefill_and_back() -> None:

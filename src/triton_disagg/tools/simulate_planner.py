@@ -107,7 +107,8 @@ def run_policy(arrivals: list[tuple[float, int, int]], sim: Simulation, config: 
                planner: Planner | None, num_prefill: int, num_decode: int,
                timeline: Timeline) -> tuple[list[Request], float, int, int]:
     """Simulate one policy; returns the requests, device-seconds after the warm-up, peak devices and scale events."""
-    cluster = Cluster(sim.worker_profile, config, sim.startup_s, num_prefill, num_decode, sim.unload_s)
+    budget = None if planner is None else config.device_budget
+    cluster = Cluster(sim.worker_profile, config, sim.startup_s, num_prefill, num_decode, sim.unload_s, budget)
     requests = [Request(t, i, o) for t, i, o in arrivals]
     done: list[Request] = []
     interval_s = config.adjustment_interval_s

@@ -10,11 +10,13 @@ most as many requests as the profile's largest concurrency (an engine's
 as its KV holds; a request waits for a decode slot when no worker has one. A
 worker added costs its device from the load call and serves after
 `startup_s`; a removed worker stops taking work and costs until it has
-drained and `unload_s` more.
+drained and `unload_s` more. Under a device budget, a worker is loaded only
+once a device is free: one being drained or unloaded still holds its own.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -65,8 +67,9 @@ class Cluster:
     """Prefill and decode pools served by the profile, stepped by `STEP_S`."""
 
     def __init__(self, profile: PerformanceProfile, config: PlannerConfig, startup_s: float,
-                 num_prefill: int, num_decode: int, unload_s: float = 0.0) -> None:
+                 num_prefill: int, num_decode: int, unload_s: float = 0.0, device_budget: int | None = None) -> None:
         self.profile, self.config, self.startup_s, self.unload_s = profile, config, startup_s, unload_s
+        self.device_budget = device_budget
         self.max_running_per_decode_worker = int(profile.decode.concurrency[-1])
         self.prefill = [Worker(0.0, 0.0) for _ in range(num_prefill)]
         self.decode = [Worker(0.0, 0.0) for _ in range(num_decode)]
@@ -82,18 +85,30 @@ class Cluster:
     def resize(self, pool: list[Worker], target: int, now_s: float) -> None:
         live = self.live(pool)
         for _ in range(target - len(live)):
-            pool.append(Worker(now_s, now_s + self.startup_s))
-        # Drain the least useful first: not yet ready, then idle, then least loaded.
+            # Loaded at once if a device is free, else when one is (see `step`).
+            pool.append(Worker(math.inf, math.inf))
+        # Drain the least useful first: not yet loaded or ready, then idle, then least loaded.
         victims = sorted(live, key=lambda w: (w.ready_at_s <= now_s, not w.is_idle(), len(w.running)))
         for worker in victims[: max(0, len(live) - target)]:
-            worker.is_draining = True
+            if worker.loaded_at_s == math.inf:
+                pool.remove(worker)  # a load still waiting for a device is called off
+            else:
+                worker.is_draining = True
+        self._load_waiting(now_s)
 
     def devices_held(self, now_s: float) -> int:
         """Devices held now: loaded workers, draining ones included, and those still unloading."""
         loaded = sum(w.loaded_at_s <= now_s for w in self.prefill + self.decode)
         return loaded + sum(w.released_at_s is not None and w.released_at_s > now_s for w in self.retired)
 
+    def _load_waiting(self, now_s: float) -> None:
+        for worker in [w for w in self.prefill + self.decode if w.loaded_at_s == math.inf]:
+            if self.device_budget is not None and self.devices_held(now_s) >= self.device_budget:
+                return
+            worker.loaded_at_s, worker.ready_at_s = now_s, now_s + self.startup_s
+
     def step(self, now_s: float, done: list[Request]) -> None:
+        self._load_waiting(now_s)
         for worker in self.prefill:
             if worker.batch and worker.busy_until_s <= now_s:
                 for request in worker.batch:
