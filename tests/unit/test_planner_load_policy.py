@@ -71,3 +71,11 @@ def test_a_pool_without_its_gauges_holds_while_the_other_moves():
     observation = make_observation(num_prefill_workers=2, prefill_queue_tokens=100000, decode_kv_usage=None)
     decision = make_planner(policy="load").tick(observation, now_s=0.0)
     assert decision.reason == "prefill=scale_up decode=insufficient_data"
+
+
+def test_an_empty_prefill_pool_stays_empty_while_decode_workers_prefill_their_prompts():
+    """Aggregated: no prefill worker, so the prompts (and their TTFT) are the decode workers'. Nothing
+    waits for a prefill worker: the pool stays at 0 (its minimum here, with room for 1)."""
+    observation = make_observation(num_prefill_workers=0, ttft_mean_ms=500.0)
+    decision = make_planner(policy="load", min_prefill_workers=0, max_prefill_workers=1).tick(observation, now_s=0.0)
+    assert decision.num_prefill_workers == 0 and decision.prefill_reason == "steady"

@@ -10,8 +10,9 @@ not one worker an interval. Its floor is ceil(load / high).
   prefilled, by Little's law (prompt tokens per second times the mean TTFT),
   steadier than the gauges read at one instant, which swing with every long
   prompt; the prompts queued at the tick count on top to grow on, a burst
-  that has not reached a first token yet. Without a measured TTFT, the
-  queued and in-flight tokens at the tick;
+  that has not reached a first token yet. Without a measured TTFT, or with
+  no prefill worker (decode workers then prefill, and the TTFT is theirs),
+  the queued and in-flight tokens at the tick;
 - decode load: KV usage in worker units; requests queued for a slot in the
   batch ask for as many workers as would run them all at today's batch.
 """
@@ -28,7 +29,10 @@ def load_prefill_ask(config: PlannerConfig, obs: IntervalObservation) -> PoolAsk
     if pending is None:
         return PoolAsk(None, "prefill queue/active tokens not reported")
     high, low = config.prefill_tokens_high, config.prefill_tokens_low
-    if obs.request_rate_per_s == 0 or obs.mean_input_tokens is None or obs.ttft_mean_ms is None:
+    # With no prefill worker, decode workers prefill their own prompts: the TTFT is theirs, and only
+    # prompts reported waiting for a prefill worker ask for one.
+    is_measured = obs.mean_input_tokens is not None and obs.ttft_mean_ms is not None
+    if obs.num_prefill_workers == 0 or obs.request_rate_per_s == 0 or not is_measured:
         return band(obs.num_prefill_workers, float(pending), float(pending), high, low, "prefill tokens")
     mean_tokens = obs.request_rate_per_s * obs.mean_input_tokens * obs.ttft_mean_ms / 1000.0
     return band(obs.num_prefill_workers, mean_tokens + (obs.prefill_queue_tokens or 0), mean_tokens, high, low,
