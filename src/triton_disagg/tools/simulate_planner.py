@@ -1,34 +1,48 @@
-"""Replay bursty traffic against simulated prefill/decode pools sized by each planner policy.
+"""Replay traffic against simulated prefill/decode pools sized by each planner policy.
 
-    python -m triton_disagg.tools.simulate_planner [--trace ../shared/traces/synthetic_trace.jsonl] [--profile FILE]
-                                     [--ttft-ms 3000] [--itl-ms 40] [--interval-s 15] [--budget 24]
-                                     [--startup-s 16] [--unload-s 1.6] [--headroom 0.4] [--out results/simulate_planner]
+    python -m triton_disagg.tools.simulate_planner [--workloads bursty,mooncake,shifting] [--profile FILE]
+        [--trace ../shared/traces/synthetic_trace.jsonl] [--ttft-ms 3000] [--itl-ms 40] [--interval-s 15]
+        [--budget 24] [--shifting-budget 10] [--startup-s 16] [--unload-s 1.6] [--warmup-s 60]
+        [--headroom 0.4] [--worker-slowdown 1] [--out results/simulate_planner]
 
-Two workloads: `bursty` (Poisson arrivals whose rate ramps up to bursts of
-several times the base rate, lognormal lengths, fixed seed) and `mooncake`
-(the trace's timestamps and lengths). Per workload, every policy runs:
-`static_peak` (the SLO arithmetic applied to the busiest interval, held all
-along), `static_mean` (the same for the mean interval), `load`, and `slo_<predictor>`
-for the constant, moving-average and Holt predictors.
+Three workloads: `bursty` (Poisson arrivals whose rate ramps up to bursts of
+several times the base rate, lognormal lengths, fixed seed), `mooncake` (the
+trace's timestamps and lengths) and `shifting` (a steady stream whose mix
+moves: long outputs make decode the bottleneck, then long prompts prefill,
+then long outputs again; planner_sim/workloads.py). Per workload, every
+policy runs: `static_peak` (the SLO arithmetic applied to the busiest
+interval in hindsight, held all along: the control), `static_mean` (the same
+for the mean interval), `load`, and `slo_<predictor>` for each predictor.
+The planners start from the minimum pools under a device budget (`--budget`;
+`--shifting-budget` for the shifting workload, where both pools share it);
+the static splits hold what they are given.
 
 Simulated workers follow the profile (`--profile`, or a synthetic one of a
 7B-class model on an H100: prefill about 25k tokens/s at short prompts,
 slower with length; decode ITL growing with concurrency and context); the
 worker model is in planner_sim/cluster.py. A worker the planner adds costs
 its device from the load call and serves after `--startup-s`; a removed one
-stops taking work and costs until drained plus `--unload-s`. Both default to
-what `python -m triton_disagg.tools.bench_worker_load` measured on a real
-server (docs/benchmarks/planner/worker_load.json).
+stops taking work and costs until drained plus `--unload-s`; under a budget,
+a worker is loaded only once a device is free. Both times default to what
+`python -m triton_disagg.tools.bench_worker_load` measured on a real server
+(docs/benchmarks/planner/worker_load.json). `--worker-slowdown` makes the
+workers slower than the profile the planners read, to show what their
+corrections are worth (SLO policies then also run uncorrected).
 
-A request meets its SLO when its TTFT and its mean ITL (decode time, waits
-included, over output tokens - 1) are both within target. Reported per
-policy: SLO attainment, device-seconds and their ratio to static_peak. On the
-Mooncake trace no policy can pass about 93.5%: with the synthetic profile a
-prompt over ~43k tokens takes longer than the 3 s TTFT target to prefill even
-alone, and 258 of the trace's 3,993 requests are that long.
-Prints a table, writes `<out>.json` and `<out>.png` (bursty workload: pool
-sizes and p99 TTFT over time); progress goes to stderr. Every flag can also
-be set by an environment variable `TRITON_DISAGG_SIMULATE_<FLAG>`.
+The planner sees what its metrics reader would on a real server
+(planner_sim/cluster.py, `Cluster.observe`). A request meets its SLO when
+its TTFT and its mean ITL (decode time, waits included, over output tokens
+- 1) are both within target. Reported per policy: SLO attainment and
+device-seconds, and their ratio to static_peak, over the requests that
+arrived and the devices held after `--warmup-s` (every planner starts cold
+at its minimum pools; `slo_attainment_all_pct` counts every request), and
+whether each pool changed size. On the Mooncake trace no policy can pass
+about 93.5%: with the synthetic profile a prompt over ~43k tokens takes
+longer than the 3 s TTFT target to prefill even alone, and 258 of the
+trace's 3,993 requests are that long. Prints a table, writes `<out>.json`
+and `<out>_<workload>.png` (load, pool sizes, devices held and TTFT p99 over
+time); progress goes to stderr. Every flag can also be set by an environment
+variable `TRITON_DISAGG_SIMULATE_<FLAG>`.
 """
 
 from __future__ import annotations
