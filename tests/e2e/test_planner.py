@@ -28,6 +28,7 @@ import requests
 from triton_disagg.planner.config import PlannerConfig
 from triton_disagg.launch.server import free_ports
 from triton_disagg.cli.plan import PlanSettings, build_planner_loop
+from triton_disagg.planner.process import PlannerLoop
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +97,25 @@ class Clients:
             turn += 1
 
 
+def load_policy_loop(client, inventory: str, **overrides) -> PlannerLoop:
+    """A planner loop (load policy) on `client`'s server, not started. New workers are in grace for 1 s
+    and a pool may shrink 1 s after a change; it may not grow again for 60 s after one, so a late,
+    stale report cannot grow a pool the test waits to see shrunk."""
+    server = client.server
+    config = PlannerConfig(
+        **{"policy": "load", "scale_up_cooldown_s": 60.0, "scale_down_cooldown_s": 1.0, "grace_period_s": 1.0}
+        | overrides
+    )
+    settings = PlanSettings(
+        http_url=server.http_url,
+        metrics_url=server.metrics_url,
+        model_repository=Path(server.run_dir) / "model_repository",
+        inventory=inventory,
+        metrics_port=0,
+    )
+    return build_planner_loop(settings, config)
+
+
 def llm_counters(client) -> dict[str, float]:
     counters = {name: sum(client.metric(name, missing_ok=True).values()) for name in LLM_COUNTERS}
     for outcome in ("success", "error", "cancelled"):
@@ -104,9 +124,9 @@ def llm_counters(client) -> dict[str, float]:
 
 
 def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_decoder):
-    server = one_decoder.server
-    config = PlannerConfig(
-        policy="load",
+    loop = load_policy_loop(
+        one_decoder,
+        "cpu:3",
         adjustment_interval_s=0.5,
         min_prefill_workers=0,
         max_prefill_workers=1,
@@ -115,21 +135,8 @@ def test_planner_loads_a_decode_worker_under_load_and_unloads_it_when_quiet(one_
         device_budget=3,
         kv_usage_high=0.25,
         kv_usage_low=0.05,
-        # Long enough that the pool cannot grow again after the scale-down (a late, stale KV
-        # report could otherwise ask for it before the test stops the planner).
-        scale_up_cooldown_s=60.0,
-        scale_down_cooldown_s=1.0,
         scale_down_window_s=1.0,
-        grace_period_s=1.0,
     )
-    settings = PlanSettings(
-        http_url=server.http_url,
-        metrics_url=server.metrics_url,
-        model_repository=Path(server.run_dir) / "model_repository",
-        inventory="cpu:3",
-        metrics_port=0,
-    )
-    loop = build_planner_loop(settings, config)
     planner_url = f"http://localhost:{loop.metrics.serve(0)}/metrics"
     assert loop.connector.workers("decode") == ["decode_0"]
     assert loop.inventory.describe() == "cpu:0=decode_0 cpu:1=free cpu:2=free"
@@ -271,9 +278,9 @@ def test_a_burst_loads_a_prefill_and_a_decode_worker_and_quiet_unloads_both(disa
     a 5 s scale-down window keeps them there through a quiet second. When the clients stop, no prompt
     arrives and no KV is held: both shrink back to 1, prefill_1 and decode_1 drained and unloaded
     through model control. No request may fail, and every KV block must come back."""
-    server = disagg.server
-    config = PlannerConfig(
-        policy="load",
+    loop = load_policy_loop(
+        disagg,
+        "cpu:4",
         adjustment_interval_s=1.0,
         min_prefill_workers=1,
         max_prefill_workers=2,
@@ -284,19 +291,8 @@ def test_a_burst_loads_a_prefill_and_a_decode_worker_and_quiet_unloads_both(disa
         prefill_tokens_low=1,
         kv_usage_high=0.25,
         kv_usage_low=0.05,
-        scale_up_cooldown_s=60.0,  # no second growth from a late report once the pools have shrunk
-        scale_down_cooldown_s=1.0,
         scale_down_window_s=5.0,
-        grace_period_s=1.0,
     )
-    settings = PlanSettings(
-        http_url=server.http_url,
-        metrics_url=server.metrics_url,
-        model_repository=Path(server.run_dir) / "model_repository",
-        inventory="cpu:4",
-        metrics_port=0,
-    )
-    loop = build_planner_loop(settings, config)
     both = {pool: loop.connector.workers(pool) for pool in ("prefill", "decode")}
     assert both == {"prefill": ["prefill_0"], "decode": ["decode_0"]}
     before = llm_counters(disagg)

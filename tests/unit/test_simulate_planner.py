@@ -30,14 +30,19 @@ def make_profile() -> PerformanceProfile:
     )
 
 
+def advance(cluster: Cluster, now_s: float, num_steps: int, done: list[Request]) -> float:
+    """Step `cluster` `num_steps` times from `now_s`; returns the time after the last step."""
+    for _ in range(num_steps):
+        cluster.step(now_s, done)
+        now_s += STEP_S
+    return now_s
+
+
 def serve(request: Request, num_steps: int = 20) -> None:
     cluster = Cluster(make_profile(), PlannerConfig(), startup_s=0.0, num_prefill=1, num_decode=1)
     cluster.prefill_queue.append(request)
     done: list[Request] = []
-    now_s = 0.0
-    for _ in range(num_steps):
-        cluster.step(now_s, done)
-        now_s += STEP_S
+    advance(cluster, 0.0, num_steps, done)
     assert done == [request]
 
 
@@ -64,11 +69,7 @@ def test_a_decode_worker_runs_no_more_requests_than_the_profile_covers() -> None
     cluster = Cluster(make_profile(), PlannerConfig(), startup_s=0.0, num_prefill=1, num_decode=1)
     requests = [Request(arrival_s=0.0, input_tokens=500, output_tokens=10) for _ in range(3)]
     cluster.prefill_queue.extend(requests)
-    done: list[Request] = []
-    now_s = 0.0
-    for _ in range(10):
-        cluster.step(now_s, done)
-        now_s += STEP_S
+    advance(cluster, 0.0, 10, [])
     assert [r.finish_s for r in requests] == pytest.approx([0.11, 0.11, 0.24])
 
 
@@ -82,17 +83,12 @@ def test_under_a_device_budget_a_new_worker_waits_until_a_drained_one_has_unload
     request = Request(arrival_s=0.0, input_tokens=1000, output_tokens=20)
     cluster.prefill_queue.append(request)
     done: list[Request] = []
-    now_s = 0.0
-    for _ in range(2):
-        cluster.step(now_s, done)
-        now_s += STEP_S
+    now_s = advance(cluster, 0.0, 2, done)
     cluster.resize(cluster.decode, 0, now_s)
     cluster.resize(cluster.prefill, 2, now_s)
     waiting = cluster.prefill[-1]
     assert cluster.devices_held(now_s) == 2 and waiting.loaded_at_s == math.inf
-    for _ in range(6):
-        cluster.step(now_s, done)
-        now_s += STEP_S
+    now_s = advance(cluster, now_s, 6, done)
     assert request.finish_s == pytest.approx(0.21)
     assert (waiting.loaded_at_s, waiting.ready_at_s) == (pytest.approx(0.35), pytest.approx(1.35))
     assert cluster.devices_held(now_s) == 2
