@@ -73,12 +73,14 @@ class PlannerConfig:
     #: A pool shrinks only to the largest size its policy asked for over this many seconds: load that
     #: dips for an interval or two does not cost a worker that would be loaded again right after.
     #: When the device budget is short, a shrinking pool gives its devices up at once to a growing one.
-    scale_down_window_s: float = 120.0
-    #: Load policy: queued plus in-flight prefill tokens per prefill worker above which the pool grows.
+    scale_down_window_s: float = 60.0
+    #: Load policy: prompt tokens waiting or being prefilled per prefill worker (the interval's mean,
+    #: plus those queued at the tick) above which the pool grows.
     prefill_tokens_high: int = 32768
-    #: Load policy: prefill tokens per worker below which the pool may shrink.
+    #: Load policy: prompt tokens per prefill worker (the interval's mean) below which the pool shrinks.
     prefill_tokens_low: int = 4096
-    #: Load policy: mean decode KV usage (0-1) above which the decode pool grows.
+    #: Load policy: mean decode KV usage (0-1) above which the decode pool grows (requests queued for a
+    #: slot in a worker's batch grow it too).
     kv_usage_high: float = 0.8
     #: Load policy: mean decode KV usage below which the decode pool may shrink.
     kv_usage_low: float = 0.3

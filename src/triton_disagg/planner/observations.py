@@ -79,7 +79,8 @@ class Decision:
     """Pool sizes wanted after one tick, and why.
 
     Per-pool reasons: "scale_up", "scale_down", "steady", "hysteresis" (asked
-    to shrink, held by the scale-down window), "cooldown", "grace_period",
+    to shrink, held by the scale-down window or the requests in flight),
+    "cooldown", "grace_period",
     "insufficient_data", "budget_clipped"; `is_budget_clipped` says the device
     budget cut what the policy asked for. `detail` carries the numbers.
     """

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from triton_disagg.planner.config import PlannerConfig
 from triton_disagg.planner.profile import PerformanceProfile
 
-
 #: Keeps float noise (2.0000000001 workers) from costing a whole worker.
 CEIL_SLACK = 1e-9
 
@@ -44,7 +43,6 @@ class PoolAsk:
     num_workers: int | None
     detail: str
     floor: int = 0
-
 
 
 @dataclass(slots=True, frozen=True)

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         device_kind=profile.device_kind, devices_per_prefill_worker=profile.devices_per_worker,
         devices_per_decode_worker=profile.devices_per_worker, grace_period_s=args.startup_s + args.interval_s,
         scale_down_cooldown_s=2 * args.interval_s, scale_down_window_s=2 * args.interval_s,
-        capacity_headroom=args.headroom, worker_startup_s=args.startup_s,
+        capacity_headroom=args.headroom, worker_startup_s=args.startup_s, device_budget=args.budget,
+        max_prefill_workers=args.budget - 1, max_decode_workers=args.budget - 1,
     )
     results: list[PolicyResult] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
