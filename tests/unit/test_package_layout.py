@@ -39,7 +39,7 @@ ALLOWED = {
     "cli": None,
 }
 #: The planner's pure decision core: no I/O, no Triton, nothing outside the planner.
-PLANNER_CORE = ("config", "core", "observations", "predictors", "profile")
+PLANNER_CORE = ("config", "core", "load_policy", "observations", "predictors", "profile", "sizing")
 FORMER_TOP_LEVEL_NAMES = {"tools", "router", "planner", "frontend", "python_backends"}
 
 

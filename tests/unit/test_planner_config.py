@@ -31,8 +31,18 @@ def test_defaults_are_valid_and_strings_become_enums():
         (dict(scale_down_cooldown_s=-1), r"scale_down_cooldown_s must be >= 0"),
         (dict(holt_alpha=0), r"holt_alpha must be in \(0, 1\]"),
         (dict(moving_average_window=0), r"moving_average_window must be >= 1"),
+        (dict(quantile_window=0), r"quantile_window must be >= 1"),
+        (dict(quantile=0), r"quantile must be in \(0, 1\], got 0; 1 forecasts the window's maximum"),
+        (dict(worker_startup_s=-5), r"worker_startup_s must be >= 0"),
+        (dict(scale_down_window_s=-1), r"scale_down_window_s must be >= 0"),
+        (dict(prefill_spare_workers=-1), r"prefill_spare_workers must be >= 0"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         PlannerConfig(**overrides)
+
+
+def test_the_slo_policy_looks_ahead_by_a_worker_start_up_plus_an_interval():
+    """(45 s start-up + 30 s interval) / 30 s = 2.5 intervals."""
+    assert PlannerConfig(worker_startup_s=45.0, adjustment_interval_s=30.0).horizon_intervals == 2.5

@@ -111,3 +111,18 @@ def test_an_unreachable_metrics_endpoint_stops_the_planner_at_startup():
     settings = PlanSettings(metrics_url="http://localhost:1/metrics", is_dry_run=True)
     with pytest.raises(PlannerStartupError, match=r"metrics endpoint http://localhost:1/metrics is unreachable \(connection refused\)"):
         build_planner_loop(settings, PlannerConfig(policy="load"), fetch_metrics=refused)
+
+
+def test_plan_flags_and_their_environment_variables_reach_the_planner_config(monkeypatch):
+    from triton_disagg.cli.main import _build_parser
+    from triton_disagg.cli.plan import planner_config
+
+    monkeypatch.setenv("TRITON_DISAGG_SCALE_DOWN_WINDOW_S", "90")
+    args = _build_parser().parse_args(
+        ["plan", "--policy", "slo", "--worker-startup-s", "40", "--quantile", "0.9", "--quantile-window", "10",
+         "--prefill-spare-workers", "0"]
+    )
+    config = planner_config(args)
+    assert (config.worker_startup_s, config.scale_down_window_s) == (40.0, 90.0)
+    assert (config.predictor.value, config.quantile, config.quantile_window, config.prefill_spare_workers) == (
+        "quantile", 0.9, 10, 0)

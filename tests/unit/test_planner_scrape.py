@@ -69,6 +69,10 @@ triton_disagg_prefilling_tokens{model="decode_0"} 0
 # TYPE triton_disagg_running_requests gauge
 triton_disagg_running_requests{model="prefill_0"} 0
 triton_disagg_running_requests{model="decode_0"} 0
+# HELP triton_disagg_waiting_requests Requests queued in the worker
+# TYPE triton_disagg_waiting_requests gauge
+triton_disagg_waiting_requests{model="prefill_0"} 0
+triton_disagg_waiting_requests{model="decode_0"} 0
 """
 
 #: BEFORE with more traffic, and decode_1 loaded; see the module docstring.
@@ -90,6 +94,8 @@ AFTER = (
     .replace('prefilling_tokens{model="prefill_0"} 0', 'prefilling_tokens{model="prefill_0"} 512')
     .replace('running_requests{model="decode_0"} 0', 'running_requests{model="decode_0"} 7\n'
              'triton_disagg_running_requests{model="decode_1"} 3')
+    .replace('waiting_requests{model="decode_0"} 0', 'waiting_requests{model="decode_0"} 4\n'
+             'triton_disagg_waiting_requests{model="decode_1"} 0')
 )
 
 
@@ -114,7 +120,8 @@ def test_parse_reads_the_llm_counters_and_each_workers_gauges():
 def test_an_interval_is_the_difference_of_two_pages():
     """10 started in 5 s: 2 req/s, 1000 / 10 = 100 prompt tokens, 2000 / 8 ended = 250 output tokens;
     TTFT 2.0 s / 10 = 200 ms, ITL 1.992 s / 1992 = 1 ms; prefill queue 1500 + 512 in flight;
-    decode KV usage (1 - 64/256 + 1 - 192/256) / 2 = (0.75 + 0.25) / 2 = 0.5; running (7 + 3) / 2 = 5.
+    decode KV usage (1 - 64/256 + 1 - 192/256) / 2 = (0.75 + 0.25) / 2 = 0.5; running (7 + 3) / 2 = 5,
+    waiting (4 + 0) / 2 = 2.
     """
     observation = observe_interval(
         parse_metrics(BEFORE), parse_metrics(AFTER), 5.0, ["prefill_0"], ["decode_0", "decode_1"],
@@ -131,7 +138,7 @@ def test_an_interval_is_the_difference_of_two_pages():
     assert (observation.ttft_p50_ms, observation.ttft_p99_ms, observation.itl_p50_ms, observation.itl_p99_ms) == (None,) * 4
     assert (observation.prefill_queue_tokens, observation.active_prefill_tokens) == (1500, 512)
     assert observation.decode_kv_usage == 0.5
-    assert observation.decode_running_requests == 5.0
+    assert (observation.decode_running_requests, observation.decode_waiting_requests) == (5.0, 2.0)
 
 
 def test_a_quiet_interval_has_no_means():

@@ -228,11 +228,19 @@ _CONFIG_FLAGS = (
     ("--scale-up-cooldown-s", "scale_up_cooldown_s", float, "seconds after a change before a pool grows again"),
     ("--scale-down-cooldown-s", "scale_down_cooldown_s", float, "seconds after a change before a pool shrinks"),
     ("--grace-period-s", "grace_period_s", float, "seconds a new worker is not judged by its metrics"),
+    ("--worker-startup-s", "worker_startup_s", float,
+     "seconds from a worker's load call until it serves; the slo policy plans this plus one interval ahead"),
+    ("--scale-down-window-s", "scale_down_window_s", float,
+     "a pool shrinks only to the largest size asked within this many seconds"),
     ("--prefill-tokens-high", "prefill_tokens_high", int, "load policy: prefill tokens per worker to grow above"),
     ("--prefill-tokens-low", "prefill_tokens_low", int, "load policy: prefill tokens per worker to shrink below"),
     ("--kv-usage-high", "kv_usage_high", float, "load policy: decode KV usage (0-1) to grow above"),
     ("--kv-usage-low", "kv_usage_low", float, "load policy: decode KV usage (0-1) to shrink below"),
     ("--capacity-headroom", "capacity_headroom", float, "slo policy: spare capacity planned for (0.2: 20%%)"),
+    ("--prefill-spare-workers", "prefill_spare_workers", int,
+     "slo policy: prefill workers beyond the load's need where the headroom adds fewer"),
+    ("--quantile-window", "quantile_window", int, "quantile predictor: intervals it looks back over"),
+    ("--quantile", "quantile", float, "quantile predictor: the quantile (0-1] of those intervals; 1 is their maximum"),
     ("--min-requests-per-interval", "min_requests_per_interval", int, "requests an interval needs to be learnt from"),
     ("--latency-correction", "latency_correction", "bool", "slo policy: correct the profile by measured TTFT/ITL"),
 )
@@ -284,14 +292,19 @@ def add_plan_flags(flag) -> None:
     )
 
 
-def plan(args) -> int:
-    """Run the planner until SIGINT or SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = PlannerConfig(
+def planner_config(args) -> PlannerConfig:
+    """The PlannerConfig the `plan` flags (or their environment variables) ask for; ValueError on a bad one."""
+    return PlannerConfig(
         policy=args.policy,
         predictor=args.predictor,
         **{field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, field, _, _ in _CONFIG_FLAGS},
     )
+
+
+def plan(args) -> int:
+    """Run the planner until SIGINT or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = planner_config(args)
     settings = PlanSettings(
         http_url=args.http_url,
         metrics_url=args.metrics_url,

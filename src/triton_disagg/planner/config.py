@@ -32,6 +32,8 @@ class PredictorKind(str, enum.Enum):
     MOVING_AVERAGE = "moving_average"
     #: Holt's double exponential smoothing: level plus trend.
     HOLT = "holt"
+    #: A quantile (by default the maximum) of the last `quantile_window` intervals.
+    QUANTILE = "quantile"
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,23 +66,41 @@ class PlannerConfig:
     #: Seconds a new worker is in grace: it counts toward its pool, but its pool is not shrunk,
     #: and the load policy does not grow it, since its metrics do not show the new capacity yet.
     grace_period_s: float = 30.0
-    #: Load policy: queued plus in-flight prefill tokens per prefill worker above which the pool grows.
+    #: Seconds from a worker's load call until it serves (measure it: `python -m
+    #: triton_disagg.tools.bench_worker_load`). The SLO policy sizes the pools for the peak load it
+    #: predicts over this plus one interval: what a worker loaded now arrives in time for.
+    worker_startup_s: float = 15.0
+    #: A pool shrinks only to the largest size its policy asked for over this many seconds: load that
+    #: dips for an interval or two does not cost a worker that would be loaded again right after.
+    #: When the device budget is short, a shrinking pool gives its devices up at once to a growing one.
+    scale_down_window_s: float = 60.0
+    #: Load policy: prompt tokens waiting or being prefilled per prefill worker (the interval's mean,
+    #: plus those queued at the tick) above which the pool grows.
     prefill_tokens_high: int = 32768
-    #: Load policy: prefill tokens per worker below which the pool may shrink.
+    #: Load policy: prompt tokens per prefill worker (the interval's mean) below which the pool shrinks.
     prefill_tokens_low: int = 4096
-    #: Load policy: mean decode KV usage (0-1) above which the decode pool grows.
+    #: Load policy: mean decode KV usage (0-1) above which the decode pool grows (requests queued for a
+    #: slot in a worker's batch grow it too).
     kv_usage_high: float = 0.8
     #: Load policy: mean decode KV usage below which the decode pool may shrink.
     kv_usage_low: float = 0.3
     #: SLO policy: plan for this much more load than predicted (0.2: 20% spare).
     capacity_headroom: float = 0.2
-    predictor: PredictorKind = PredictorKind.HOLT
+    #: SLO policy: prefill workers planned beyond the load's need where the headroom adds fewer. A prompt
+    #: holds its prefill worker until it is prefilled, so in a pool with no worker to spare every prompt
+    #: behind a long one waits for it. (Decode workers interleave their requests and need no such spare.)
+    prefill_spare_workers: int = 1
+    predictor: PredictorKind = PredictorKind.QUANTILE
     #: Intervals averaged by the moving-average predictor.
     moving_average_window: int = 4
     #: Holt level smoothing (0-1]; higher follows the last interval more.
     holt_alpha: float = 0.6
     #: Holt trend smoothing (0-1].
     holt_beta: float = 0.4
+    #: Intervals the quantile predictor looks back over.
+    quantile_window: int = 6
+    #: Quantile (0-1] of those intervals the quantile predictor forecasts; 1 is their maximum.
+    quantile: float = 1.0
     #: Requests an interval needs before its mean lengths are trusted.
     min_requests_per_interval: int = 5
     #: SLO policy: correct the profile by the latency measured in serving (observed / profiled, as
@@ -122,7 +142,8 @@ class PlannerConfig:
                 f"{self.min_decode_workers} decode x {self.devices_per_decode_worker}); "
                 f"raise device_budget to >= {min_devices} or lower min_prefill_workers/min_decode_workers"
             )
-        for name in ("scale_up_cooldown_s", "scale_down_cooldown_s", "grace_period_s", "capacity_headroom"):
+        for name in ("scale_up_cooldown_s", "scale_down_cooldown_s", "grace_period_s", "worker_startup_s",
+                     "scale_down_window_s", "capacity_headroom"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.prefill_tokens_low < self.prefill_tokens_high:
@@ -135,13 +156,23 @@ class PlannerConfig:
                 f"kv_usage_low ({self.kv_usage_low}) and kv_usage_high ({self.kv_usage_high}) must satisfy "
                 f"0 <= low < high <= 1; the gap is the hysteresis band"
             )
-        if self.moving_average_window < 1:
-            raise ValueError(f"moving_average_window must be >= 1, got {self.moving_average_window}")
+        for name in ("moving_average_window", "quantile_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {self.quantile}; 1 forecasts the window's maximum")
         for name in ("holt_alpha", "holt_beta"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.prefill_spare_workers < 0:
+            raise ValueError(f"prefill_spare_workers must be >= 0, got {self.prefill_spare_workers}")
         if self.min_requests_per_interval < 1:
             raise ValueError(f"min_requests_per_interval must be >= 1, got {self.min_requests_per_interval}")
+
+    @property
+    def horizon_intervals(self) -> float:
+        """Intervals the SLO policy looks ahead: a worker's start-up plus one interval, in intervals."""
+        return (self.worker_startup_s + self.adjustment_interval_s) / self.adjustment_interval_s
 
     def devices_for(self, num_prefill_workers: int, num_decode_workers: int) -> int:
         """Devices held by pools of these sizes."""

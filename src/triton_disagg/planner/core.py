@@ -1,48 +1,76 @@
 """The planner's decision core: one observation per interval in, pool sizes and reasons out.
 
-Pure: no clocks (the caller passes `now_s`), no I/O. A tick runs in four steps:
+Pure: no clocks (the caller passes `now_s`), no I/O. A tick runs in five steps:
 
-1. the policy asks for a size per pool (None when it lacks data);
-2. each ask is clipped to the pool's min/max, then both to the device budget,
-   which, when short, is split in proportion to the asks;
-3. per pool, cooldowns and grace periods may hold the current size;
-4. if a held pool leaves less room than planned, the growing pool is cut again.
+1. the policy asks for a size per pool (None when it lacks data), and says
+   the fewest workers the requests in flight need (its floor);
+2. a pool asked to shrink shrinks only to the largest size asked within
+   `scale_down_window_s`, and never below its floor: a dip of an interval or
+   two costs no worker, a lasting fall returns the pool in one step;
+3. each ask is clipped to the pool's min/max, then both to the device
+   budget. When the budget is short and one pool grows, the other, if its
+   own ask is smaller, yields its devices at once (its window and cooldown
+   do not hold it); what is still short is split in proportion to the asks;
+4. per pool, cooldowns and grace periods may hold the current size;
+5. if a held pool leaves less room than planned, the growing pool is cut again.
 
 Policies:
 
-- load: a pool grows when its load per worker is above the high threshold
-  (to ceil(total load / high) workers, at least one more) and shrinks by one
-  when below the low threshold, if the remaining workers would still be
-  below the high one (hysteresis). Prefill load is queued plus in-flight
-  prompt tokens; decode load is KV usage.
-- slo: the next interval's request rate and mean input/output lengths are
-  predicted, then
-      prefill = ceil((rate * input_tokens + pending_tokens / interval_s) * (1 + headroom)
-                     / throughput(input_tokens, batch))
-  with batch the largest whose profiled TTFT meets the target and pending_tokens
-  the prompts still waiting or in flight (a backlog to clear within the interval), and
-      decode = ceil(rate * output_tokens * itl_s * (1 + headroom) / max_concurrency)
-  with max_concurrency the most requests a worker runs within the ITL target
-  at context input_tokens + output_tokens / 2 and itl_s the ITL it then runs at
-  (Little's law: requests in flight = arrival rate x time in decode).
+- load: no profile. A pool whose load per worker is above the high
+  threshold grows to ceil(load / high) workers (at least one more): what
+  the load needs, no more. Below the low threshold it asks for
+  ceil(load / low), the fewest that keep each worker at the bottom of the
+  band: it returns in proportion to the load. Prefill load is the interval's
+  mean of the prompt tokens waiting or being prefilled (Little's law: prompt
+  tokens per second times mean TTFT), plus the prompts queued at the tick to
+  grow on; decode load is KV usage, and requests queued for a decode slot
+  ask for the workers that would run them. Neither pool grows while one of
+  its workers is in grace: its metrics do not show the new capacity yet.
+- slo: the coming intervals' request rate and mean prompt and output lengths
+  are predicted, and each pool sized for the largest load predicted before a
+  worker loaded now would serve (`worker_startup_s` plus one interval); the
+  arithmetic is in planner/sizing.py. Floors: the prompts queued and being
+  prefilled need the workers that prefill them within the TTFT target, the
+  requests decoding or queued for a slot those that run them within the ITL
+  target. The profile is corrected by what serving measures
+  (`latency_correction`; Dynamo's SLA planner is the model): the mean ITL
+  against the profile's ITL at the running batch and context; for prefill,
+  the throughput of a pool that was saturated all interval against the
+  profile's, and else only a TTFT better than a lone prompt's profiled one
+  (partly cached prompts; a worse TTFT may be queueing, which the backlog
+  term answers). Corrections are smoothed over intervals and kept through
+  intervals that measure nothing.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from triton_disagg.planner.config import PlannerConfig, PlannerPolicy
 from triton_disagg.planner.observations import Decision, IntervalObservation, ScaleAction
 from triton_disagg.planner.predictors import make_predictor
 from triton_disagg.planner.profile import PerformanceProfile
-
-#: Keeps float noise (2.0000000001 workers) from costing a whole worker.
-_CEIL_SLACK = 1e-9
+from triton_disagg.planner.load_policy import load_decode_ask, load_prefill_ask
+from triton_disagg.planner.sizing import (
+    LoadForecast,
+    PoolAsk,
+    decode_need,
+    decode_rate,
+    prefill_need,
+    prefill_rate,
+    workers_for,
+)
 
 #: Bound on a latency correction factor: one odd interval (a stall, an idle pool) must not swing
 #: the plan by more than this.
 MAX_CORRECTION = 4.0
+#: Weight of the newest interval in a correction factor (exponential smoothing).
+CORRECTION_SMOOTHING = 0.5
+#: A prefill pool whose prompts waited at both ends of an interval, with a mean TTFT over this many
+#: times a lone prompt's, counts as busy all along: its throughput is measured from what it got through.
+SATURATED_TTFT_RATIO = 3.0
 
 
 @dataclass(slots=True)
@@ -51,14 +79,21 @@ class _PoolState:
     grace_until_s: float = -math.inf
     #: (last_change_at_s, grace_until_s) before the last decision changed them, until `applied` confirms it.
     saved: tuple[float | None, float] | None = None
+    #: (at_s, workers asked) of the ticks within the scale-down window.
+    asks: deque[tuple[float, int]] = field(default_factory=deque)
 
 
-@dataclass(slots=True, frozen=True)
-class _Ask:
-    """A policy's size for one pool; None when it lacks the data to say."""
+@dataclass(slots=True)
+class _Correction:
+    """observed / profiled latency, smoothed over intervals; 1 until something was measured."""
 
-    num_workers: int | None
-    detail: str
+    factor: float = 1.0
+    is_measured: bool = False
+
+    def update(self, ratio: float) -> None:
+        ratio = min(MAX_CORRECTION, max(1.0 / MAX_CORRECTION, ratio))
+        self.factor = ratio if not self.is_measured else (1 - CORRECTION_SMOOTHING) * self.factor + CORRECTION_SMOOTHING * ratio
+        self.is_measured = True
 
 
 class Planner:
@@ -90,6 +125,12 @@ class Planner:
         self._rate = make_predictor(config)
         self._input_tokens = make_predictor(config)
         self._output_tokens = make_predictor(config)
+        #: Prefill work per prompt token against the profile's: < 1 when prompts are partly cached, > 1
+        #: when workers prefill slower than profiled.
+        self._prefill_work = _Correction()
+        #: The prompt tokens queued at the previous tick and the prefill pool then (None: unknown).
+        self._previous_queue: tuple[int, int] | None = None
+        self._itl = _Correction()
         self._prefill = _PoolState()
         self._decode = _PoolState()
         self._last_tick_s: float | None = None
@@ -106,21 +147,37 @@ class Planner:
         self._last_tick_s = now_s
         config, obs = self.config, observation
         if config.policy is PlannerPolicy.LOAD:
-            prefill_ask, decode_ask = self._load_prefill(obs), self._load_decode(obs)
+            prefill_ask, decode_ask = load_prefill_ask(config, obs), load_decode_ask(config, obs)
         else:
             prefill_ask, decode_ask = self._slo_asks(obs)
+        now_p, now_d = obs.num_prefill_workers, obs.num_decode_workers
 
-        want_p = _clip(prefill_ask.num_workers, config.min_prefill_workers, config.max_prefill_workers)
-        want_d = _clip(decode_ask.num_workers, config.min_decode_workers, config.max_decode_workers)
+        held_p = self._hold_down(self._prefill, prefill_ask, now_p, now_s)
+        held_d = self._hold_down(self._decode, decode_ask, now_d, now_s)
+        want_p = _clip(held_p, config.min_prefill_workers, config.max_prefill_workers)
+        want_d = _clip(held_d, config.min_decode_workers, config.max_decode_workers)
+        # One budget, two pools: when it is short, a pool asked to shrink yields its devices to a
+        # growing pool at once, without waiting out its scale-down window or cooldown.
+        yields_p = yields_d = False
+        if config.devices_for(now_p if want_p is None else want_p, now_d if want_d is None else want_d) > config.device_budget:
+            yields_p = want_d is not None and want_d > now_d and _shrinks(prefill_ask, now_p)
+            yields_d = want_p is not None and want_p > now_p and _shrinks(decode_ask, now_d)
+            if yields_p:
+                want_p = _clip(max(prefill_ask.num_workers, prefill_ask.floor), config.min_prefill_workers, config.max_prefill_workers)
+            if yields_d:
+                want_d = _clip(max(decode_ask.num_workers, decode_ask.floor), config.min_decode_workers, config.max_decode_workers)
         want_p, want_d, is_clipped = self._fit_budget(want_p, want_d, obs)
 
-        now_p, now_d = obs.num_prefill_workers, obs.num_decode_workers
         in_grace_p = obs.num_prefill_workers_in_grace > 0 or now_s < self._prefill.grace_until_s
         in_grace_d = obs.num_decode_workers_in_grace > 0 or now_s < self._decode.grace_until_s
-        next_p, reason_p = self._gate(self._prefill, now_p, want_p, in_grace_p, now_s)
-        next_d, reason_d = self._gate(self._decode, now_d, want_d, in_grace_d, now_s)
+        next_p, reason_p = self._gate(self._prefill, now_p, want_p, in_grace_p, now_s, yields_p)
+        next_d, reason_d = self._gate(self._decode, now_d, want_d, in_grace_d, now_s, yields_d)
+        if reason_p == "steady" and prefill_ask.num_workers is not None and prefill_ask.num_workers < now_p:
+            reason_p = "hysteresis"
+        if reason_d == "steady" and decode_ask.num_workers is not None and decode_ask.num_workers < now_d:
+            reason_d = "hysteresis"
 
-        # A held pool may keep more devices than step 2 left it: cut the growing pool to what remains.
+        # A held pool may keep more devices than step 3 left it: cut the growing pool to what remains.
         if config.devices_for(next_p, next_d) > config.device_budget:
             if next_p > now_p:
                 room = (config.device_budget - config.devices_for(0, next_d)) // config.devices_per_prefill_worker
@@ -147,90 +204,90 @@ class Planner:
             detail=f"prefill: {prefill_ask.detail}; decode: {decode_ask.detail}",
         )
 
+    def _hold_down(self, pool: _PoolState, ask: PoolAsk, now: int, now_s: float) -> int | None:
+        """The ask, or when it is below `now`, the largest ask of the scale-down window and the floor (<= now)."""
+        if ask.num_workers is None:
+            return None
+        pool.asks.append((now_s, ask.num_workers))
+        while pool.asks[0][0] < now_s - self.config.scale_down_window_s:
+            pool.asks.popleft()
+        if ask.num_workers >= now:
+            return ask.num_workers
+        return min(now, max(ask.floor, max(n for _, n in pool.asks)))
+
     # -- policies ---------------------------------------------------------------------------
 
-    def _load_prefill(self, obs: IntervalObservation) -> _Ask:
-        pending = obs.prefill_pending_tokens
-        if pending is None:
-            return _Ask(None, "prefill queue/active tokens not reported")
-        high, low = self.config.prefill_tokens_high, self.config.prefill_tokens_low
-        return _hysteresis(obs.num_prefill_workers, float(pending), high, low, "prefill tokens")
+    def _learn(self, obs: IntervalObservation) -> None:
+        """Feed the interval to the predictors and the corrections."""
+        config, profile = self.config, self.profile
+        self._rate.add(obs.request_rate_per_s)
+        previous_queue, self._previous_queue = self._previous_queue, None
+        if obs.prefill_queue_tokens is not None and obs.num_prefill_workers_in_grace == 0:
+            self._previous_queue = (obs.prefill_queue_tokens, obs.num_prefill_workers)
+        if obs.num_requests < config.min_requests_per_interval:
+            return
+        if obs.mean_input_tokens is not None:
+            self._input_tokens.add(obs.mean_input_tokens)
+        if obs.mean_output_tokens is not None:
+            self._output_tokens.add(obs.mean_output_tokens)
+        if not config.latency_correction or obs.mean_input_tokens is None:
+            return
+        input_tokens = obs.mean_input_tokens
+        # Prefill: when prompts waited at both ends of the interval and waited long (a mean TTFT over
+        # SATURATED_TTFT_RATIO times a lone prompt's), the pool prefilled all along, and what it got
+        # through is its throughput: this corrects a profile in either direction. Otherwise only a TTFT
+        # better than profiled tells (prompts partly cached), since a worse one may be queueing.
+        n = obs.num_prefill_workers
+        lone_ttft_ms = profile.prefill.ttft_at_ms(input_tokens, 1)
+        is_saturated = (
+            previous_queue is not None and previous_queue[1] == n > 0 and obs.num_prefill_workers_in_grace == 0
+            and previous_queue[0] > 0 and (obs.prefill_queue_tokens or 0) > 0
+            and (obs.ttft_mean_ms or 0) > SATURATED_TTFT_RATIO * lone_ttft_ms
+        )
+        if is_saturated:
+            drained_per_s = (previous_queue[0] - obs.prefill_queue_tokens) / config.adjustment_interval_s
+            prefilled_per_s = obs.request_rate_per_s * input_tokens + drained_per_s
+            if prefilled_per_s > 0:
+                self._prefill_work.update(prefill_rate(profile, config, input_tokens).tokens_per_s * n / prefilled_per_s)
+        elif obs.ttft_mean_ms is not None and obs.ttft_mean_ms > 0:
+            ratio = obs.ttft_mean_ms / lone_ttft_ms
+            if ratio < 1 or self._prefill_work.factor < 1:
+                self._prefill_work.update(min(1.0, ratio))
+        running, output_tokens = obs.decode_running_requests, self._output_tokens.predict()
+        # Without the running batch there is nothing to compare the measured ITL with.
+        if obs.itl_mean_ms is not None and obs.itl_mean_ms > 0 and running is not None and running >= 1 and output_tokens is not None:
+            self._itl.update(obs.itl_mean_ms / profile.decode.itl_at_ms(running, input_tokens + output_tokens / 2))
 
-    def _load_decode(self, obs: IntervalObservation) -> _Ask:
-        if obs.decode_kv_usage is None:
-            return _Ask(None, "decode KV usage not reported")
-        n = obs.num_decode_workers
-        # KV usage is a mean over workers; in worker units the total load is usage * n.
-        total = obs.decode_kv_usage * n
-        return _hysteresis(n, total, self.config.kv_usage_high, self.config.kv_usage_low, "KV usage")
-
-    def _slo_asks(self, obs: IntervalObservation) -> tuple[_Ask, _Ask]:
+    def _slo_asks(self, obs: IntervalObservation) -> tuple[PoolAsk, PoolAsk]:
         config, profile = self.config, self.profile
         assert profile is not None  # checked in __init__
-        self._rate.add(obs.request_rate_per_s)
-        has_lengths = obs.mean_input_tokens is not None and obs.mean_output_tokens is not None
-        if has_lengths and obs.num_requests >= config.min_requests_per_interval:
-            self._input_tokens.add(obs.mean_input_tokens)
-            self._output_tokens.add(obs.mean_output_tokens)
-        rate = self._rate.predict()
-        input_tokens = self._input_tokens.predict()
-        output_tokens = self._output_tokens.predict()
+        self._learn(obs)
+        horizon = config.horizon_intervals
+        rate, input_tokens, output_tokens = (p.predict(horizon) for p in (self._rate, self._input_tokens, self._output_tokens))
         if rate is None or input_tokens is None or output_tokens is None:
             detail = f"no interval yet with >= {config.min_requests_per_interval} requests to learn lengths from"
-            return _Ask(None, detail), _Ask(None, detail)
-        headroom = 1.0 + config.capacity_headroom
-
-        batch = profile.prefill.max_batch_within(input_tokens, config.ttft_ms)
-        prefill_note = ""
-        if batch is None:
-            batch, prefill_note = 1, f" (TTFT {config.ttft_ms:g} ms unreachable at {input_tokens:.0f} tokens)"
-        throughput = profile.prefill.throughput_tokens_per_s(input_tokens, batch)
-        # Prompts already waiting must be prefilled within the next interval too.
-        backlog_tokens_per_s = (obs.prefill_pending_tokens or 0) / config.adjustment_interval_s
-        # Only a TTFT better than profiled counts (prefix-cache hits save prefill work); a worse one
-        # is queueing, which the backlog term and the load it reflects already answer.
-        ttft_factor = min(1.0, self._correction(obs, obs.ttft_mean_ms, profile.prefill.ttft_at_ms(input_tokens, 1)))
-        need_p = (rate * input_tokens + backlog_tokens_per_s) * headroom * ttft_factor / throughput
-        prefill = _Ask(
-            math.ceil(need_p - _CEIL_SLACK),
-            f"({rate:.3g} req/s x {input_tokens:.0f} tok + {backlog_tokens_per_s:.0f} tok/s backlog) x {headroom:g} "
-            f"{'' if ttft_factor == 1 else f'x {ttft_factor:.2f} TTFT correction '}"
-            f"/ {throughput:.0f} tok/s (batch {batch}) = {need_p:.2f} workers{prefill_note}",
+            return PoolAsk(None, detail), PoolAsk(None, detail)
+        # A falling trend may forecast a length of 0; a request has at least one token each way.
+        input_tokens, output_tokens = max(1.0, input_tokens), max(1.0, output_tokens)
+        load = LoadForecast(rate * input_tokens, rate * output_tokens, input_tokens, output_tokens)
+        prefill_factor = self._prefill_work.factor
+        # Prompts waiting are a backlog to clear on top of the arrivals; those being prefilled are not
+        # (the arrival rate already counts them).
+        need_p = prefill_need(profile, config, load, obs.prefill_queue_tokens or 0, prefill_factor, config.prefill_spare_workers)
+        # The prompts waiting or in flight need enough workers to be prefilled within the TTFT target.
+        throughput = prefill_rate(profile, config, load.input_tokens).tokens_per_s / prefill_factor
+        floor_p = workers_for((obs.prefill_pending_tokens or 0) / (throughput * config.ttft_ms / 1000.0))
+        need_d = decode_need(profile, config, load, self._itl.factor)
+        # The requests decoding need as many workers as run them within the ITL target.
+        floor_d = 0
+        if obs.decode_running_requests is not None:
+            max_concurrency = decode_rate(profile, config, load.context_tokens, self._itl.factor).max_concurrency
+            in_flight = (obs.decode_running_requests + (obs.decode_waiting_requests or 0.0)) * obs.num_decode_workers
+            floor_d = workers_for(in_flight / max_concurrency)
+        return (
+            PoolAsk(workers_for(need_p.num_workers), need_p.detail, floor_p),
+            PoolAsk(workers_for(need_d.num_workers), need_d.detail, floor_d),
         )
-
-        context_tokens = input_tokens + output_tokens / 2
-        # Without the running batch there is nothing to compare the measured ITL with: no correction.
-        running = obs.decode_running_requests
-        itl_factor = 1.0
-        if running is not None and running >= 1:
-            itl_factor = self._correction(obs, obs.itl_mean_ms, profile.decode.itl_at_ms(running, context_tokens))
-        itl_target_ms = config.itl_ms / itl_factor  # read the profile where it meets the target in practice
-        max_concurrency = profile.decode.max_concurrency_within(context_tokens, itl_target_ms)
-        decode_note = "" if itl_factor == 1 else f" (ITL correction {itl_factor:.2f}: profile read at {itl_target_ms:.3g} ms)"
-        if max_concurrency is None:
-            max_concurrency = 1
-            decode_note += f" (ITL {config.itl_ms:g} ms unreachable at {context_tokens:.0f} tokens)"
-        # Little's law with the ITL serving really gives at that concurrency: the profiled one times the
-        # correction. (Dynamo's planner moves only the target; then a worker's throughput is overstated
-        # by the same factor and the pool comes out short.)
-        itl_s = profile.decode.itl_at_ms(max_concurrency, context_tokens) * itl_factor / 1000.0
-        concurrency = rate * output_tokens * itl_s * headroom
-        need_d = concurrency / max_concurrency
-        decode = _Ask(
-            math.ceil(need_d - _CEIL_SLACK),
-            f"{rate:.3g} req/s x {output_tokens:.0f} tok x {itl_s * 1000:.3g} ms x {headroom:g} = "
-            f"{concurrency:.1f} in flight / {max_concurrency} per worker = {need_d:.2f} workers{decode_note}",
-        )
-        return prefill, decode
-
-    def _correction(self, obs: IntervalObservation, observed_ms: float | None, profiled_ms: float) -> float:
-        """observed / profiled latency, clipped to [1 / MAX_CORRECTION, MAX_CORRECTION]; 1 when off, unmeasured,
-        or measured on fewer requests than an interval needs to be trusted."""
-        if not self.config.latency_correction or observed_ms is None or observed_ms <= 0 or profiled_ms <= 0:
-            return 1.0
-        if obs.num_requests < self.config.min_requests_per_interval:
-            return 1.0
-        return min(MAX_CORRECTION, max(1.0 / MAX_CORRECTION, observed_ms / profiled_ms))
 
     # -- constraints ------------------------------------------------------------------------
 
@@ -269,7 +326,9 @@ class Planner:
                 fit_d += 1
         return fit_p, fit_d, True
 
-    def _gate(self, pool: _PoolState, now: int, want: int | None, in_grace: bool, now_s: float) -> tuple[int, str]:
+    def _gate(
+        self, pool: _PoolState, now: int, want: int | None, in_grace: bool, now_s: float, is_yielding: bool = False
+    ) -> tuple[int, str]:
         config = self.config
         if want is None:
             return now, "insufficient_data"
@@ -279,7 +338,7 @@ class Planner:
         if want < now:
             if in_grace:
                 return now, "grace_period"
-            if since_change_s < config.scale_down_cooldown_s:
+            if since_change_s < config.scale_down_cooldown_s and not is_yielding:
                 return now, "cooldown"
             return want, "scale_down"
         if in_grace and config.policy is PlannerPolicy.LOAD:
@@ -315,20 +374,11 @@ class Planner:
         return ScaleAction.SCALE_DOWN
 
 
+
+def _shrinks(ask: PoolAsk, now: int) -> bool:
+    """Whether the policy, floor included, asks for fewer than `now` workers."""
+    return ask.num_workers is not None and max(ask.num_workers, ask.floor) < now
+
+
 def _clip(num_workers: int | None, low: int, high: int) -> int | None:
     return None if num_workers is None else min(high, max(low, num_workers))
-
-
-def _hysteresis(n: int, total: float, high: float, low: float, what: str) -> _Ask:
-    """Grow above `high` per worker, shrink by one below `low` if n - 1 workers stay below `high`."""
-    if n == 0:
-        return _Ask(1 if total > 0 else 0, f"{what} {total:.3g} on no workers")
-    per_worker = total / n
-    detail = f"{what} {per_worker:.3g} per worker (band {low:g}-{high:g})"
-    if per_worker > high:
-        return _Ask(max(n + 1, math.ceil(total / high - _CEIL_SLACK)), detail)
-    if per_worker < low:
-        after = math.inf if n == 1 and total > 0 else (0.0 if n == 1 else total / (n - 1))
-        if after < high:
-            return _Ask(n - 1, detail)
-    return _Ask(n, detail)

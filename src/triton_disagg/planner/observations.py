@@ -44,6 +44,8 @@ class IntervalObservation:
     active_prefill_tokens: int | None = None
     #: Mean requests running per decode worker, at the end of the interval.
     decode_running_requests: float | None = None
+    #: Mean requests queued per decode worker (waiting for a slot in its batch), at the end of the interval.
+    decode_waiting_requests: float | None = None
     #: Mean fraction (0-1) of the decode workers' KV cache in use.
     decode_kv_usage: float | None = None
 
@@ -76,8 +78,10 @@ class IntervalObservation:
 class Decision:
     """Pool sizes wanted after one tick, and why.
 
-    Per-pool reasons: "scale_up", "scale_down", "steady", "cooldown",
-    "grace_period", "insufficient_data"; `is_budget_clipped` says the device
+    Per-pool reasons: "scale_up", "scale_down", "steady", "hysteresis" (asked
+    to shrink, held by the scale-down window or the requests in flight),
+    "cooldown", "grace_period",
+    "insufficient_data", "budget_clipped"; `is_budget_clipped` says the device
     budget cut what the policy asked for. `detail` carries the numbers.
     """
 

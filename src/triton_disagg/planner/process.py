@@ -49,8 +49,8 @@ class PlannerMetrics:
         )
         self.decisions = prom.Counter(
             "triton_disagg_planner_decisions",
-            "Decisions per pool, by reason (scale_up, scale_down, steady, cooldown, grace_period, insufficient_data, "
-            "budget_clipped)",
+            "Decisions per pool, by reason (scale_up, scale_down, steady, hysteresis, cooldown, grace_period, "
+            "insufficient_data, budget_clipped)",
             ["pool", "reason"],
             registry=self.registry,
         )

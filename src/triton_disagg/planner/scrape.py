@@ -13,7 +13,8 @@ each worker's gauges. Two snapshots and the seconds between them make an
 - `prefill_queue_tokens`, `active_prefill_tokens`: summed over the prefill
   workers (0 with no prefill worker: decode workers then prefill themselves);
 - `decode_kv_usage`: mean over the decode workers of (blocks - free) / blocks;
-- `decode_running_requests`: mean over the decode workers of their running batch.
+- `decode_running_requests`, `decode_waiting_requests`: mean over the decode
+  workers of their running batch and of the requests queued for it.
 
 If any `llm` counter went down, the `llm` model reloaded and all its counters
 restarted from zero, including those that since climbed past their old value:
@@ -56,6 +57,7 @@ class WorkerGauges:
     waiting_prompt_tokens: int = 0
     prefilling_tokens: int = 0
     running_requests: int = 0
+    waiting_requests: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -85,6 +87,7 @@ _WORKER_GAUGES = {
     "triton_disagg_waiting_prompt_tokens": "waiting_prompt_tokens",
     "triton_disagg_prefilling_tokens": "prefilling_tokens",
     "triton_disagg_running_requests": "running_requests",
+    "triton_disagg_waiting_requests": "waiting_requests",
 }
 
 
@@ -149,6 +152,7 @@ def observe_interval(
         active_prefill_tokens=sum(w.prefilling_tokens for w in prefill) if has_prefill_report else None,
         decode_kv_usage=sum(w.kv_usage for w in decode) / len(decode) if decode else None,
         decode_running_requests=sum(w.running_requests for w in decode) / len(decode) if decode else None,
+        decode_waiting_requests=sum(w.waiting_requests for w in decode) / len(decode) if decode else None,
     )
 
 

@@ -1,37 +1,48 @@
-"""Replay bursty traffic against simulated prefill/decode pools sized by each planner policy.
+"""Replay traffic against simulated prefill/decode pools sized by each planner policy.
 
-    python -m triton_disagg.tools.simulate_planner [--trace ../shared/traces/synthetic_trace.jsonl] [--profile FILE]
-                                     [--ttft-ms 3000] [--itl-ms 40] [--interval-s 15] [--budget 24]
-                                     [--startup-s 10] [--headroom 0.4] [--out results/simulate_planner]
+    python -m triton_disagg.tools.simulate_planner [--workloads bursty,mooncake,shifting] [--profile FILE]
+        [--trace ../shared/traces/synthetic_trace.jsonl] [--ttft-ms 3000] [--itl-ms 40] [--interval-s 15]
+        [--budget 24] [--shifting-budget 10] [--startup-s 16] [--unload-s 1.6] [--warmup-s 60]
+        [--headroom 0.4] [--worker-slowdown 1] [--out results/simulate_planner]
 
-Two workloads: `bursty` (Poisson arrivals whose rate ramps up to bursts of
-several times the base rate, lognormal lengths, fixed seed) and `mooncake`
-(the trace's timestamps and lengths). Per workload, every policy runs:
-`static_peak` (the SLO arithmetic applied to the busiest interval, held all
-along), `static_mean` (the same for the mean interval), `load`, and `slo_<predictor>`
-for the constant, moving-average and Holt predictors.
+Three workloads: `bursty` (Poisson arrivals whose rate ramps up to bursts of
+several times the base rate, lognormal lengths, fixed seed), `mooncake` (the
+trace's timestamps and lengths) and `shifting` (a steady stream whose mix
+moves: long outputs make decode the bottleneck, then long prompts prefill,
+then long outputs again; planner_sim/workloads.py). Per workload, every
+policy runs: `static_peak` (the SLO arithmetic applied to the busiest
+interval in hindsight, held all along: the control), `static_mean` (the same
+for the mean interval), `load`, and `slo_<predictor>` for each predictor.
+The planners start from the minimum pools under a device budget (`--budget`;
+`--shifting-budget` for the shifting workload, where both pools share it);
+the static splits hold what they are given.
 
 Simulated workers follow the profile (`--profile`, or a synthetic one of a
 7B-class model on an H100: prefill about 25k tokens/s at short prompts,
-slower with length; decode ITL growing with concurrency and context). A
-prefill worker takes waiting prompts FIFO in batches of up to 16384 tokens
-and returns them all after the batch's profiled TTFT. A decode worker
-advances each running request by dt / ITL(concurrency, mean context) tokens
-a step, from its first token when a slot is free then, and times its last
-token within the step; a request waits for a decode slot when every worker's
-KV is full.
-A worker the planner adds costs devices from the load call and serves after
-`--startup-s`; a removed worker stops taking work and costs until drained.
+slower with length; decode ITL growing with concurrency and context); the
+worker model is in planner_sim/cluster.py. A worker the planner adds costs
+its device from the load call and serves after `--startup-s`; a removed one
+stops taking work and costs until drained plus `--unload-s`; under a budget,
+a worker is loaded only once a device is free. Both times default to what
+`python -m triton_disagg.tools.bench_worker_load` measured on a real server
+(docs/benchmarks/planner/worker_load.json). `--worker-slowdown` makes the
+workers slower than the profile the planners read, to show what their
+corrections are worth (SLO policies then also run uncorrected).
 
-A request meets its SLO when its TTFT and its mean ITL (decode time, waits
-included, over output tokens - 1) are both within target. Reported per
-policy: SLO attainment, device-seconds and their ratio to static_peak. On the
-Mooncake trace no policy can pass about 93.5%: with the synthetic profile a
-prompt over ~43k tokens takes longer than the 3 s TTFT target to prefill even
-alone, and 258 of the trace's 3,993 requests are that long.
-Prints a table, writes `<out>.json` and `<out>.png` (bursty workload: pool
-sizes and p99 TTFT over time); progress goes to stderr. Every flag can also
-be set by an environment variable `TRITON_DISAGG_SIMULATE_<FLAG>`.
+The planner sees what its metrics reader would on a real server
+(planner_sim/cluster.py, `Cluster.observe`). A request meets its SLO when
+its TTFT and its mean ITL (decode time, waits included, over output tokens
+- 1) are both within target. Reported per policy: SLO attainment and
+device-seconds, and their ratio to static_peak, over the requests that
+arrived and the devices held after `--warmup-s` (every planner starts cold
+at its minimum pools; `slo_attainment_all_pct` counts every request), and
+whether each pool changed size. On the Mooncake trace no policy can pass
+about 93.5%: with the synthetic profile a prompt over ~43k tokens takes
+longer than the 3 s TTFT target to prefill even alone, and 258 of the
+trace's 3,993 requests are that long. Prints a table, writes `<out>.json`
+and `<out>_<workload>.png` (load, pool sizes, devices held and TTFT p99 over
+time); progress goes to stderr. Every flag can also be set by an environment
+variable `TRITON_DISAGG_SIMULATE_<FLAG>`.
 """
 
 from __future__ import annotations
@@ -40,26 +51,31 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
-from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from triton_disagg.planner.config import PlannerConfig, PlannerPolicy
+from triton_disagg.planner.config import PlannerConfig, PlannerPolicy, PredictorKind
 from triton_disagg.planner.core import Planner
-from triton_disagg.planner.observations import IntervalObservation
 from triton_disagg.planner.profile import DecodeProfile, PerformanceProfile, PrefillProfile
+from triton_disagg.planner.sizing import LoadForecast, decode_need, prefill_need
+from triton_disagg.tools.planner_sim.cluster import STEP_S, Cluster, Request, percentile
+from triton_disagg.tools.planner_sim.report import PolicyResult, Timeline, plot, print_table
+from triton_disagg.tools.planner_sim.workloads import bursty_arrivals, mooncake_arrivals, shifting_arrivals
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The checkout this file lies in (src/triton_disagg/tools/ -> the repository root).
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
-#: Prompt tokens a simulated prefill worker batches together.
-PREFILL_BATCH_TOKENS = 16384
-#: KV tokens one simulated decode worker holds.
-DECODE_KV_TOKENS = 2_000_000
-STEP_S = 0.05
 #: Time after the last arrival allowed for the pools to drain.
 DRAIN_S = 900.0
+#: A worker's start-up and unload on a real server, measured by `python -m triton_disagg.tools.bench_worker_load`
+#: (docs/benchmarks/planner/worker_load.json: medians over prefill and decode workers of the default model, on a
+#: loaded 2-core CPU machine): from the load call until the router routes to the worker, and drain-and-unload of
+#: an idle worker until Triton lists it unloaded. A later run (worker_load_rerun.json) measured 9.2 s and 1.5 s;
+#: the slower start-up is kept, the harder case for a planner.
+MEASURED_STARTUP_S = 16.0
+MEASURED_UNLOAD_S = 1.6
+WORKLOADS = ("bursty", "mooncake", "shifting")
 
 
 def synthetic_profile() -> PerformanceProfile:
@@ -82,212 +98,32 @@ def synthetic_profile() -> PerformanceProfile:
     )
 
 
-# -- workloads ------------------------------------------------------------------------------------
+def slowed(profile: PerformanceProfile, factor: float) -> PerformanceProfile:
+    """The profile with every latency (prefill TTFT, decode ITL) `factor` times as long."""
+    return replace(
+        profile,
+        prefill=replace(profile.prefill, ttft_ms=tuple(tuple(v * factor for v in row) for row in profile.prefill.ttft_ms)),
+        decode=replace(profile.decode, itl_ms=tuple(tuple(v * factor for v in row) for row in profile.decode.itl_ms)),
+    )
 
 
-@dataclass(slots=True)
-class Request:
-    arrival_s: float
-    input_tokens: int
-    output_tokens: int
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    generated: float = 0.0
-    decoded_until_s: float | None = None  # the simulated time up to which `generated` is accounted
-    queued_at_step_s: float | None = None  # the step its prefill returned in
+@dataclass(slots=True, frozen=True)
+class Simulation:
+    """What every policy of a run shares: the workers' speed and lifecycle, and the window measured."""
 
-    @property
-    def itl_ms(self) -> float:
-        if self.output_tokens <= 1:
-            return 0.0
-        return (self.finish_s - self.first_token_s) * 1000.0 / (self.output_tokens - 1)
+    #: The profile the simulated workers run at (the planners read `PerformanceProfile` they are given).
+    worker_profile: PerformanceProfile
+    startup_s: float
+    unload_s: float
+    warmup_s: float
 
 
-def bursty_arrivals(seed: int = 0, duration_s: float = 2400.0, base_rate_per_s: float = 1.5) -> list[tuple[float, int, int]]:
-    """Poisson arrivals; the rate ramps over 90 s to 4x the base for 3-5 min bursts, then back."""
-    rng = random.Random(seed)
-    bursts = [(300.0, 240.0, 4.0), (1000.0, 300.0, 3.0), (1700.0, 180.0, 5.0)]  # (start, length, factor)
-
-    def rate_at(t: float) -> float:
-        factor = 1.0
-        for start, length, peak in bursts:
-            ramp = 90.0
-            if start - ramp <= t < start:
-                factor = max(factor, 1 + (peak - 1) * (t - start + ramp) / ramp)
-            elif start <= t < start + length:
-                factor = max(factor, peak)
-            elif start + length <= t < start + length + ramp:
-                factor = max(factor, peak - (peak - 1) * (t - start - length) / ramp)
-        return base_rate_per_s * factor
-
-    top = base_rate_per_s * max(peak for *_, peak in bursts)
-    arrivals, t = [], 0.0
-    while True:
-        t += rng.expovariate(top)  # thinning of a Poisson process with a varying rate
-        if t >= duration_s:
-            return arrivals
-        if rng.random() < rate_at(t) / top:
-            input_tokens = int(min(120_000, max(64, rng.lognormvariate(math.log(6000), 0.8))))
-            output_tokens = int(min(2000, max(2, rng.lognormvariate(math.log(250), 0.6))))
-            arrivals.append((t, input_tokens, output_tokens))
-
-
-def mooncake_arrivals(path: Path) -> list[tuple[float, int, int]]:
-    """Mooncake trace rows: timestamp (ms), input_length, output_length."""
-    arrivals = []
-    with path.open() as lines:
-        for line in lines:
-            row = json.loads(line)
-            arrivals.append((row["timestamp"] / 1000.0, int(row["input_length"]), max(1, int(row["output_length"]))))
-    return sorted(arrivals)
-
-
-# -- simulated pools ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Worker:
-    loaded_at_s: float
-    ready_at_s: float
-    is_draining: bool = False
-    released_at_s: float | None = None
-    busy_until_s: float = 0.0
-    batch: list[Request] = field(default_factory=list)  # prefill: the batch in flight
-    running: list[Request] = field(default_factory=list)  # decode: requests decoding
-
-    def is_idle(self) -> bool:
-        return not self.batch and not self.running
-
-
-@dataclass(slots=True)
-class Timeline:
-    at_s: list[float] = field(default_factory=list)
-    num_prefill_workers: list[int] = field(default_factory=list)
-    num_decode_workers: list[int] = field(default_factory=list)
-    ttft_p99_ms: list[float | None] = field(default_factory=list)
-    request_rate_per_s: list[float] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PolicyResult:
-    workload: str
-    policy: str
-    num_requests: int
-    slo_attainment_pct: float
-    ttft_attainment_pct: float
-    itl_attainment_pct: float
-    device_s: float
-    device_s_vs_static_peak: float
-    max_devices: int
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    itl_p50_ms: float
-    itl_p99_ms: float
-    num_scale_events: int
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class Cluster:
-    """Prefill and decode pools served by the profile, stepped by `STEP_S`."""
-
-    def __init__(self, profile: PerformanceProfile, config: PlannerConfig, startup_s: float,
-                 num_prefill: int, num_decode: int) -> None:
-        self.profile, self.config, self.startup_s = profile, config, startup_s
-        self.prefill = [Worker(0.0, 0.0) for _ in range(num_prefill)]
-        self.decode = [Worker(0.0, 0.0) for _ in range(num_decode)]
-        self.prefill_queue: deque[Request] = deque()
-        self.decode_queue: deque[Request] = deque()
-        self.retired: list[Worker] = []
-
-    def live(self, pool: list[Worker]) -> list[Worker]:
-        return [w for w in pool if not w.is_draining]
-
-    def resize(self, pool: list[Worker], target: int, now_s: float) -> None:
-        live = self.live(pool)
-        for _ in range(target - len(live)):
-            pool.append(Worker(now_s, now_s + self.startup_s))
-        # Drain the least useful first: not yet ready, then idle, then least loaded.
-        victims = sorted(live, key=lambda w: (w.ready_at_s <= now_s, not w.is_idle(), len(w.running)))
-        for worker in victims[: max(0, len(live) - target)]:
-            worker.is_draining = True
-
-    def step(self, now_s: float, done: list[Request]) -> None:
-        for worker in self.prefill:
-            if worker.batch and worker.busy_until_s <= now_s:
-                for request in worker.batch:
-                    request.first_token_s = worker.busy_until_s
-                    request.queued_at_step_s = now_s
-                    self.decode_queue.append(request)
-                worker.batch = []
-            if not worker.batch and not worker.is_draining and worker.ready_at_s <= now_s and self.prefill_queue:
-                tokens = 0
-                while self.prefill_queue and (not worker.batch or tokens + self.prefill_queue[0].input_tokens <= PREFILL_BATCH_TOKENS):
-                    request = self.prefill_queue.popleft()
-                    worker.batch.append(request)
-                    tokens += request.input_tokens
-                ttft_ms = self.profile.prefill.ttft_at_ms(tokens / len(worker.batch), len(worker.batch))
-                worker.busy_until_s = now_s + ttft_ms / 1000.0
-        ready_decode = [w for w in self.decode if not w.is_draining and w.ready_at_s <= now_s]
-        while self.decode_queue and ready_decode:
-            request = self.decode_queue[0]
-            worker = min(ready_decode, key=lambda w: len(w.running))
-            if sum(r.input_tokens + r.generated for r in worker.running) + request.input_tokens + request.output_tokens > DECODE_KV_TOKENS:
-                break
-            # ITL is measured from the exact first token, so decode time is accounted exactly too: a
-            # request admitted the step its prefill returned decodes from its first token, and it
-            # finishes within a step, not at its end. Rounding both to steps charged a 1-3 token
-            # decode 50-100 ms whatever the ITL: 290 short Mooncake requests missed a 40 ms target
-            # under every pool size.
-            is_queued_this_step = request.queued_at_step_s == now_s
-            request.decoded_until_s = request.first_token_s if is_queued_this_step else now_s
-            worker.running.append(self.decode_queue.popleft())
-        for worker in self.decode:
-            if not worker.running:
-                continue
-            context = sum(r.input_tokens + r.generated for r in worker.running) / len(worker.running)
-            tokens_per_s = 1000.0 / self.profile.decode.itl_at_ms(len(worker.running), context)
-            still = []
-            for request in worker.running:
-                remaining_tokens = request.output_tokens - 1 - request.generated
-                available_s = now_s + STEP_S - request.decoded_until_s
-                if remaining_tokens <= available_s * tokens_per_s:
-                    request.generated += remaining_tokens
-                    request.finish_s = request.decoded_until_s + remaining_tokens / tokens_per_s
-                    done.append(request)
-                else:
-                    request.generated += available_s * tokens_per_s
-                    request.decoded_until_s = now_s + STEP_S
-                    still.append(request)
-            worker.running = still
-        for pool in (self.prefill, self.decode):
-            for worker in [w for w in pool if w.is_draining and w.is_idle()]:
-                worker.released_at_s = now_s
-                pool.remove(worker)
-                self.retired.append(worker)
-
-    def kv_usage(self) -> float:
-        workers = self.live(self.decode)
-        if not workers:
-            return 0.0
-        used = sum(r.input_tokens + r.generated for w in workers for r in w.running)
-        return used / (len(workers) * DECODE_KV_TOKENS)
-
-    def device_s(self, end_s: float) -> float:
-        workers = self.retired + self.prefill + self.decode
-        return sum((w.released_at_s if w.released_at_s is not None else end_s) - w.loaded_at_s for w in workers)
-
-
-def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
-               planner: Planner | None, num_prefill: int, num_decode: int, startup_s: float,
+def run_policy(arrivals: list[tuple[float, int, int]], sim: Simulation, config: PlannerConfig,
+               planner: Planner | None, num_prefill: int, num_decode: int,
                timeline: Timeline) -> tuple[list[Request], float, int, int]:
-    """Simulate one policy; returns the requests, device-seconds, peak devices and scale events."""
-    cluster = Cluster(profile, config, startup_s, num_prefill, num_decode)
+    """Simulate one policy; returns the requests, device-seconds after the warm-up, peak devices and scale events."""
+    budget = None if planner is None else config.device_budget
+    cluster = Cluster(sim.worker_profile, config, sim.startup_s, num_prefill, num_decode, sim.unload_s, budget)
     requests = [Request(t, i, o) for t, i, o in arrivals]
     done: list[Request] = []
     interval_s = config.adjustment_interval_s
@@ -306,77 +142,66 @@ def run_policy(arrivals: list[tuple[float, int, int]], profile: PerformanceProfi
             continue
         finished = done[done_mark:]
         done_mark = len(done)
-        ttfts = [(r.first_token_s - r.arrival_s) * 1000.0 for r in finished]
-        itls = [r.itl_ms for r in finished if r.output_tokens > 1]
-        live_p, live_d = cluster.live(cluster.prefill), cluster.live(cluster.decode)
-        grace_s = config.grace_period_s
-        observation = IntervalObservation(
-            num_prefill_workers=len(live_p),
-            num_decode_workers=len(live_d),
-            num_requests=len(interval_arrivals),
-            request_rate_per_s=len(interval_arrivals) / interval_s,
-            mean_input_tokens=(sum(r.input_tokens for r in interval_arrivals) / len(interval_arrivals)) if interval_arrivals else None,
-            mean_output_tokens=(sum(r.output_tokens for r in interval_arrivals) / len(interval_arrivals)) if interval_arrivals else None,
-            num_prefill_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_p if w.loaded_at_s > 0),
-            num_decode_workers_in_grace=sum(now_s - w.loaded_at_s < grace_s for w in live_d if w.loaded_at_s > 0),
-            ttft_p50_ms=percentile(ttfts, 0.5),
-            ttft_p99_ms=percentile(ttfts, 0.99),
-            itl_p50_ms=percentile(itls, 0.5),
-            itl_p99_ms=percentile(itls, 0.99),
-            prefill_queue_tokens=sum(r.input_tokens for r in cluster.prefill_queue),
-            active_prefill_tokens=sum(r.input_tokens for w in live_p for r in w.batch),
-            decode_kv_usage=cluster.kv_usage(),
-        )
+        observation = cluster.observe(now_s, interval_s, interval_arrivals, finished, config.grace_period_s)
         if planner is not None:
             decision = planner.tick(observation, now_s)
             if decision.is_change:
                 num_events += 1
                 cluster.resize(cluster.prefill, decision.num_prefill_workers, now_s)
                 cluster.resize(cluster.decode, decision.num_decode_workers, now_s)
-        max_devices = max(max_devices, len(cluster.prefill) + len(cluster.decode))
+        max_devices = max(max_devices, cluster.devices_held(now_s))
         timeline.at_s.append(now_s)
         timeline.num_prefill_workers.append(len(cluster.live(cluster.prefill)))
         timeline.num_decode_workers.append(len(cluster.live(cluster.decode)))
+        timeline.num_devices.append(cluster.devices_held(now_s))
         timeline.ttft_p99_ms.append(observation.ttft_p99_ms)
-        timeline.request_rate_per_s.append(observation.request_rate_per_s)
+        timeline.prompt_tokens_per_s.append(sum(r.input_tokens for r in interval_arrivals) / interval_s)
+        timeline.output_tokens_per_s.append(sum(r.output_tokens for r in interval_arrivals) / interval_s)
         interval_arrivals = []
         next_tick_s += interval_s
-    return requests, cluster.device_s(now_s), max_devices, num_events
+    return requests, cluster.device_s(sim.warmup_s, now_s), max_devices, num_events
 
 
 def static_split(arrivals: list[tuple[float, int, int]], profile: PerformanceProfile, config: PlannerConfig,
                  which: str) -> tuple[int, int]:
-    """Pool sizes the SLO arithmetic gives for the busiest (`peak`) or the mean interval's load."""
+    """Pool sizes the SLO arithmetic (planner/sizing.py) gives for the busiest (`peak`) or the mean
+    interval's load, each interval's rate and mean lengths known in hindsight; at least 1 each."""
     interval_s = config.adjustment_interval_s
     buckets: dict[int, list[tuple[float, int, int]]] = {}
     for arrival in arrivals:
         buckets.setdefault(int(arrival[0] // interval_s), []).append(arrival)
     sizes = []
     for rows in buckets.values():
-        planner = Planner(replace(config, max_prefill_workers=10_000, max_decode_workers=10_000,
-                                  device_budget=20_000, min_requests_per_interval=1), profile)
-        observation = IntervalObservation(
-            num_prefill_workers=1, num_decode_workers=1, num_requests=len(rows),
-            request_rate_per_s=len(rows) / interval_s,
-            mean_input_tokens=sum(r[1] for r in rows) / len(rows), mean_output_tokens=sum(r[2] for r in rows) / len(rows))
-        decision = planner.tick(observation, 0.0)
-        sizes.append((decision.num_prefill_workers, decision.num_decode_workers))
+        load = LoadForecast(
+            prefill_tokens_per_s=sum(r[1] for r in rows) / interval_s,
+            decode_tokens_per_s=sum(r[2] for r in rows) / interval_s,
+            input_tokens=sum(r[1] for r in rows) / len(rows),
+            output_tokens=sum(r[2] for r in rows) / len(rows),
+        )
+        sizes.append(tuple(max(1, math.ceil(need.num_workers - 1e-9))
+                           for need in (prefill_need(profile, config, load), decode_need(profile, config, load))))
     if which == "peak":
         return max(p for p, _ in sizes), max(d for _, d in sizes)
     return (max(1, round(sum(p for p, _ in sizes) / len(sizes))), max(1, round(sum(d for _, d in sizes) / len(sizes))))
 
 
 def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: PerformanceProfile,
-             base: PlannerConfig, startup_s: float) -> tuple[list[PolicyResult], dict[str, Timeline]]:
+             base: PlannerConfig, sim: Simulation) -> tuple[list[PolicyResult], dict[str, Timeline]]:
+    """Run every policy on `arrivals`; the planners and the static splits read `profile`.
+
+    When the simulated workers do not run at `profile` (`sim.worker_profile`), each SLO policy also
+    runs without its latency correction (`slo_<predictor>_uncorrected`).
+    """
     policies: list[tuple[str, PlannerConfig | None, tuple[int, int]]] = []
-    peak = static_split(arrivals, profile, base, "peak")
-    mean = static_split(arrivals, profile, base, "mean")
-    policies.append(("static_peak", None, peak))
-    policies.append(("static_mean", None, mean))
+    policies.append(("static_peak", None, static_split(arrivals, profile, base, "peak")))
+    policies.append(("static_mean", None, static_split(arrivals, profile, base, "mean")))
     start = (base.min_prefill_workers, base.min_decode_workers)
     policies.append(("load", replace(base, policy=PlannerPolicy.LOAD), start))
-    for predictor in ("constant", "moving_average", "holt"):
-        policies.append((f"slo_{predictor}", replace(base, predictor=predictor), start))
+    for predictor in PredictorKind:
+        policies.append((f"slo_{predictor.value}", replace(base, predictor=predictor), start))
+        if sim.worker_profile != profile:
+            config = replace(base, predictor=predictor, latency_correction=False)
+            policies.append((f"slo_{predictor.value}_uncorrected", config, start))
     results, timelines = [], {}
     static_peak_device_s = None
     for name, config, (num_prefill, num_decode) in policies:
@@ -384,16 +209,21 @@ def evaluate(workload: str, arrivals: list[tuple[float, int, int]], profile: Per
         timeline = Timeline()
         planner = Planner(config, profile) if config is not None else None
         requests, device_s, max_devices, num_events = run_policy(
-            arrivals, profile, config or base, planner, num_prefill, num_decode, startup_s, timeline)
+            arrivals, sim, config or base, planner, num_prefill, num_decode, timeline)
         if static_peak_device_s is None:
             static_peak_device_s = device_s
-        results.append(summarise(workload, name, requests, base, device_s, static_peak_device_s, max_devices, num_events))
+        results.append(summarise(workload, name, requests, base, device_s, static_peak_device_s, max_devices,
+                                 num_events, sim.warmup_s, None if config is None else config.device_budget, timeline))
         timelines[name] = timeline
     return results, timelines
 
 
 def summarise(workload: str, policy: str, requests: list[Request], config: PlannerConfig, device_s: float,
-              static_peak_device_s: float, max_devices: int, num_events: int) -> PolicyResult:
+              static_peak_device_s: float, max_devices: int, num_events: int, warmup_s: float,
+              device_budget: int | None, timeline: Timeline) -> PolicyResult:
+    """Latency figures of the requests that arrived after `warmup_s`; `slo_attainment_all_pct` counts all."""
+    slo_all = sum(_meets_slo(r, config) for r in requests) * 100.0 / len(requests)
+    requests = [r for r in requests if r.arrival_s >= warmup_s]
     ttfts = [(r.first_token_s - r.arrival_s) * 1000.0 if r.first_token_s is not None else math.inf for r in requests]
     itls = [r.itl_ms if r.finish_s is not None else math.inf for r in requests]
     ttft_ok = [t <= config.ttft_ms for t in ttfts]
@@ -405,11 +235,15 @@ def summarise(workload: str, policy: str, requests: list[Request], config: Plann
         policy=policy,
         num_requests=n,
         slo_attainment_pct=100.0 * sum(a and b for a, b in zip(ttft_ok, itl_ok)) / n,
+        slo_attainment_all_pct=slo_all,
         ttft_attainment_pct=100.0 * sum(ttft_ok) / n,
         itl_attainment_pct=100.0 * sum(itl_ok) / n,
         device_s=round(device_s, 1),
         device_s_vs_static_peak=round(device_s / static_peak_device_s, 3),
         max_devices=max_devices,
+        device_budget=device_budget,
+        prefill_changed=len(set(timeline.num_prefill_workers)) > 1,
+        decode_changed=len(set(timeline.num_decode_workers)) > 1,
         ttft_p50_ms=round(percentile(ttfts, 0.5), 1),
         ttft_p99_ms=round(percentile(ttfts, 0.99), 1),
         itl_p50_ms=round(percentile(finite_itls, 0.5), 2),
@@ -418,42 +252,10 @@ def summarise(workload: str, policy: str, requests: list[Request], config: Plann
     )
 
 
-def print_table(results: list[PolicyResult]) -> None:
-    header = f"{'workload':<9} {'policy':<19} {'SLO %':>6} {'TTFT %':>6} {'ITL %':>6} {'dev-s':>9} {'vs peak':>7} {'max dev':>7} {'TTFT p99 ms':>11} {'ITL p99 ms':>10} {'events':>6}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.workload:<9} {r.policy:<19} {r.slo_attainment_pct:6.1f} {r.ttft_attainment_pct:6.1f} "
-              f"{r.itl_attainment_pct:6.1f} {r.device_s:9.0f} {r.device_s_vs_static_peak:7.2f} {r.max_devices:7d} "
-              f"{r.ttft_p99_ms:11.0f} {r.itl_p99_ms:10.1f} {r.num_scale_events:6d}")
-
-
-def plot(timelines: dict[str, Timeline], config: PlannerConfig, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
-    first = next(iter(timelines.values()))
-    axes[0].plot(first.at_s, first.request_rate_per_s, color="black")
-    axes[0].set_ylabel("arrivals / s")
-    for name, timeline in timelines.items():
-        axes[1].step(timeline.at_s, timeline.num_prefill_workers, where="post", label=name)
-        axes[2].step(timeline.at_s, timeline.num_decode_workers, where="post", label=name)
-        points = [(t, v) for t, v in zip(timeline.at_s, timeline.ttft_p99_ms) if v is not None]
-        axes[3].plot([t for t, _ in points], [v for _, v in points], label=name)
-    axes[1].set_ylabel("prefill workers")
-    axes[2].set_ylabel("decode workers")
-    axes[3].axhline(config.ttft_ms, color="red", linestyle="--", label="TTFT target")
-    axes[3].set_ylabel("TTFT p99 per interval, ms")
-    axes[3].set_yscale("log")
-    axes[3].set_xlabel("time, s")
-    axes[1].legend(fontsize=8, ncol=3)
-    axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _meets_slo(request: Request, config: PlannerConfig) -> bool:
+    if request.first_token_s is None or request.finish_s is None:
+        return False
+    return (request.first_token_s - request.arrival_s) * 1000.0 <= config.ttft_ms and request.itl_ms <= config.itl_ms
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -467,44 +269,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=float, default=float(_env("ttft-ms", "3000")))
     parser.add_argument("--itl-ms", type=float, default=float(_env("itl-ms", "40")))
     parser.add_argument("--interval-s", type=float, default=float(_env("interval-s", "15")))
-    parser.add_argument("--budget", type=int, default=int(_env("budget", "24")), help="device budget of the planner")
-    parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", "10")), help="load time of a new worker")
+    parser.add_argument("--budget", type=int, default=int(_env("budget", "24")),
+                        help="device budget of the planners on the bursty and mooncake workloads")
+    parser.add_argument("--shifting-budget", type=int, default=int(_env("shifting-budget", "10")),
+                        help="device budget of the planners on the shifting workload (both pools share it)")
+    parser.add_argument("--startup-s", type=float, default=float(_env("startup-s", str(MEASURED_STARTUP_S))),
+                        help="seconds from a worker's load call until it serves (default: measured on a real server)")
+    parser.add_argument("--unload-s", type=float, default=float(_env("unload-s", str(MEASURED_UNLOAD_S))),
+                        help="seconds a drained worker takes to unload, holding its device (default: measured)")
+    parser.add_argument("--warmup-s", type=float, default=float(_env("warmup-s", "60")),
+                        help="requests arriving before this are served but not counted, nor devices held before it")
     parser.add_argument("--headroom", type=float, default=float(_env("headroom", "0.4")),
                         help="capacity_headroom of the SLO policy and the static splits")
+    parser.add_argument("--worker-slowdown", type=float, default=float(_env("worker-slowdown", "1")),
+                        help="simulated workers take this many times the profile's latencies (the planners still "
+                             "read the profile); other than 1, SLO policies also run uncorrected")
     parser.add_argument("--seed", type=int, default=int(_env("seed", "0")))
-    parser.add_argument("--workloads", default=_env("workloads", "bursty,mooncake"))
+    parser.add_argument("--workloads", default=_env("workloads", ",".join(WORKLOADS)))
     parser.add_argument("--out", type=Path, default=Path(_env("out", str(REPO_ROOT / "results" / "simulate_planner"))))
     args = parser.parse_args(argv)
+    workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads: unknown workload(s) {', '.join(unknown)}; use any of {', '.join(WORKLOADS)}")
+    if args.worker_slowdown <= 0:
+        parser.error(f"--worker-slowdown must be > 0, got {args.worker_slowdown}")
 
     profile = PerformanceProfile.load(args.profile) if args.profile else synthetic_profile()
+    sim = Simulation(slowed(profile, args.worker_slowdown) if args.worker_slowdown != 1 else profile,
+                     args.startup_s, args.unload_s, args.warmup_s)
     base = PlannerConfig(
         policy=PlannerPolicy.SLO, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, adjustment_interval_s=args.interval_s,
-        device_kind=profile.device_kind, device_budget=args.budget, max_prefill_workers=args.budget - 1,
-        max_decode_workers=args.budget - 1, devices_per_prefill_worker=profile.devices_per_worker,
+        device_kind=profile.device_kind, devices_per_prefill_worker=profile.devices_per_worker,
         devices_per_decode_worker=profile.devices_per_worker, grace_period_s=args.startup_s + args.interval_s,
-        scale_down_cooldown_s=4 * args.interval_s, capacity_headroom=args.headroom,
+        scale_down_cooldown_s=2 * args.interval_s, scale_down_window_s=2 * args.interval_s,
+        capacity_headroom=args.headroom, worker_startup_s=args.startup_s, device_budget=args.budget,
+        max_prefill_workers=args.budget - 1, max_decode_workers=args.budget - 1,
     )
     results: list[PolicyResult] = []
-    plotted: dict[str, Timeline] | None = None
-    for workload in args.workloads.split(","):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for workload in workloads:
         if workload == "bursty":
             arrivals = bursty_arrivals(args.seed)
         elif workload == "mooncake":
             arrivals = mooncake_arrivals(args.trace)
         else:
-            raise ValueError(f"--workloads: unknown workload {workload!r}; use bursty and/or mooncake")
-        workload_results, timelines = evaluate(workload, arrivals, profile, base, args.startup_s)
+            arrivals = shifting_arrivals(args.seed)
+        budget = args.shifting_budget if workload == "shifting" else args.budget
+        config = replace(base, device_budget=budget, max_prefill_workers=budget - 1, max_decode_workers=budget - 1)
+        workload_results, timelines = evaluate(workload, arrivals, profile, config, sim)
         results += workload_results
-        plotted = plotted or timelines
+        plot(timelines, args.ttft_ms, budget, args.out.parent / f"{args.out.name}_{workload}.png",
+             f"{workload} workload: load, pool sizes and TTFT p99 per interval")
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms, "interval_s": args.interval_s, "budget": args.budget,
-                "startup_s": args.startup_s, "seed": args.seed, "profile": str(args.profile or "synthetic"),
+                "shifting_budget": args.shifting_budget, "startup_s": args.startup_s, "unload_s": args.unload_s,
+                "warmup_s": args.warmup_s, "worker_slowdown": args.worker_slowdown, "seed": args.seed,
+                "profile": str(args.profile or "synthetic"),
                 "planner": {k: (v.value if hasattr(v, "value") else v) for k, v in _config_dict(base).items()}}
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=1) + "\n")
-    if plotted:
-        plot(plotted, base, args.out.with_suffix(".png"), f"{args.workloads.split(',')[0]} workload: pool sizes and TTFT p99")
-    print(f"[simulate_planner] wrote {args.out.with_suffix('.json')} and .png", file=sys.stderr)
+    print(f"[simulate_planner] wrote {args.out.with_suffix('.json')} and {args.out.name}_<workload>.png", file=sys.stderr)
     return 0
 
 
