@@ -1,24 +1,39 @@
-"""The `llm` entry model's request path: text in, tokens from the worker through BLS, text out."""
+"""The `llm` entry model's request path: text in, tokens from the worker through BLS, text out.
+
+A request waits up to `route_wait_s` for a routable decode worker (at start,
+or while every worker is being replaced) before it is answered UNAVAILABLE.
+When its decode worker fails under it (the stub died, the worker was
+unloaded, or it stopped answering a liveness probe), the request moves to
+another decode worker (see `serving.migration`), at most `migration_limit` times.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
+import dataclasses
+
 from triton_disagg.engine.params import SamplingParams
+from triton_disagg.errors import ServiceUnavailable
 from triton_disagg.serving.detokenizer import IncrementalDetokenizer
+from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.llm_metrics import LLMMetrics
+from triton_disagg.serving.migration import WorkerLost, lost_worker_reason, plan_continuation
 from triton_disagg.serving.protocol import (
     LLM_INPUT_NAMES,
     WORKER_OUTPUT_NAMES,
     GenerateRequest,
     check_context_window,
+    check_max_tokens_limit,
     parse_generate_request,
 )
 from triton_disagg.serving.router_service import Route, RouterClient
@@ -34,6 +49,16 @@ from triton_disagg.serving.triton_io import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+#: Seconds between two route attempts while no decode worker is routable.
+ROUTE_RETRY_INTERVAL_S = 0.2
+#: Seconds without a response from the decode worker after which it is probed (a dead stub's
+#: streams never end on their own: Triton does not fail the requests in flight on it).
+WORKER_PROBE_AFTER_S = 2.0
+#: The request id of a liveness probe: an abort of a request no worker has.
+PROBE_REQUEST_ID = "liveness-probe"
+
+_END = object()
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +82,7 @@ class LLMService:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
         self.router = RouterClient()
+        self.directory = DirectoryClient()
         self.metrics = LLMMetrics()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
@@ -67,6 +93,7 @@ class LLMService:
         try:
             parsed = parse_generate_request(read_inputs(request, LLM_INPUT_NAMES))
             prompt_token_ids = self.tokenizer.encode(parsed.prompt, add_special_tokens=parsed.add_special_tokens).ids
+            check_max_tokens_limit(parsed.params.max_tokens, self.settings.max_tokens_limit)
             check_context_window(len(prompt_token_ids), parsed.params.max_tokens, self.settings.max_model_len)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the client as an error response
             sender.send(error_response(e), flags=FINAL)
@@ -103,6 +130,53 @@ class LLMService:
         )
         return request.exec(decoupled=True)
 
+    def worker_responses(
+        self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Iterator:
+        """The decode worker's responses to a new request, in order; error responses included.
+
+        Raises WorkerLost when the worker is dead or gone: an error that says so, or silence past
+        WORKER_PROBE_AFTER_S followed by a failed liveness probe. A dead stub's stream never ends,
+        so it is read on a thread of its own (left blocked on it; it holds nothing else).
+        """
+        received: queue.SimpleQueue = queue.SimpleQueue()
+
+        def pump() -> None:
+            try:
+                for response in self.stream_from_worker(choice, request_id, prompt_token_ids, params):
+                    received.put(response)
+                received.put(_END)
+            except Exception as exc:  # noqa: BLE001 - handed to the relay, which decides
+                received.put(exc)
+
+        worker = choice.decode_worker
+        threading.Thread(target=pump, name="llm-worker-stream", daemon=True).start()
+        while True:
+            try:
+                item = received.get(timeout=WORKER_PROBE_AFTER_S)
+            except queue.Empty:
+                if (reason := self.probe_worker(worker)) is not None:
+                    raise WorkerLost(worker, reason, f"no response for {WORKER_PROBE_AFTER_S:g} s and its probe failed") from None
+                continue
+            if item is _END:
+                return
+            message = str(item) if isinstance(item, Exception) else item.error().message() if item.has_error() else None
+            if message is not None and (reason := lost_worker_reason(message)) is not None:
+                raise WorkerLost(worker, reason, message)
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def probe_worker(self, decode_worker: str) -> str | None:
+        """None when the decode worker answers; else why not ("dead" or "gone")."""
+        try:
+            self.abort_on_worker(decode_worker, PROBE_REQUEST_ID)
+        except WorkerStreamError as exc:
+            return lost_worker_reason(exc.error.message())
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
+            return lost_worker_reason(str(exc)) or "gone"
+        return None
+
     def abort_on_worker(self, decode_worker: str, request_id: str) -> None:
         """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
         request = pb_utils.InferenceRequest(
@@ -114,10 +188,26 @@ class LLMService:
             if response.has_error():
                 raise WorkerStreamError(response.error())
 
+    def report_lost_worker(self, lost: WorkerLost) -> None:
+        """Tell the router to route around a worker that failed under a request, and the KV directory to
+        forget a dead one's agent (an unloaded one's goes when it leaves the repository index)."""
+        logger.warning("%s; moving its requests to another decode worker", lost)
+        try:
+            self.router.worker_failed(lost.worker_name)
+            if lost.reason == "dead":
+                self.directory.forget_model(lost.worker_name)
+        except Exception:  # noqa: BLE001 - the router also drops it once its event stream goes silent
+            logger.exception("could not report %s to the router or the KV directory", lost.worker_name)
+
     def _run(self, relay: "_Relay") -> None:
         try:
             relay.run()
+        except _ClientGone:
+            relay.end_cancelled()
         except WorkerStreamError as e:  # the worker's own verdict (often a bad request): pass it on
+            relay.fail(e)
+        except ServiceUnavailable as e:  # a server-side condition the client may retry
+            logger.warning("request refused: %s", e)
             relay.fail(e)
         except Exception as e:  # noqa: BLE001 - the client gets the error; the log gets the context
             logger.exception("request failed")
@@ -127,8 +217,12 @@ class LLMService:
                 self._threads.discard(threading.current_thread())
 
 
+class _ClientGone(Exception):
+    """The client cancelled while its request waited for a worker."""
+
+
 class _Relay:
-    """One request: worker token ids in, text deltas out, stop words applied."""
+    """One request: worker token ids in, text deltas out, stop words applied, moved when its worker fails."""
 
     def __init__(self, service: LLMService, request: GenerateRequest, prompt_token_ids: list[int], sender) -> None:
         self._service = service
@@ -138,7 +232,11 @@ class _Relay:
         self._prompt_token_ids = prompt_token_ids
         self._detokenizer = IncrementalDetokenizer(service.tokenizer, prompt_token_ids)
         self._stop = StopStringMatcher(request.stop_words)
-        self._worker_request_id = uuid.uuid4().hex
+        self._request_id = uuid.uuid4().hex
+        self._worker_request_id = self._request_id
+        #: Every token the worker(s) generated for this request, in order (what a move continues from).
+        self._generated_token_ids: list[int] = []
+        self._num_migrations = 0
         self._num_output_tokens = 0
         self._unsent_text = "" if request.exclude_input_in_output else request.prompt
         self._is_done = False
@@ -148,21 +246,54 @@ class _Relay:
 
     def run(self) -> None:
         router = self._service.router
-        self._choice = router.route(self._worker_request_id, self._prompt_token_ids, self._request.routing_mode)
-        try:
-            self._relay()
-        finally:
-            router.complete(self._worker_request_id)
+        prompt_token_ids, params = self._prompt_token_ids, self._request.params
+        while True:
+            self._choice = self._route(prompt_token_ids)
+            try:
+                self._relay(prompt_token_ids, params)
+                return
+            except WorkerLost as lost:
+                if self._is_done:
+                    return  # the client's answer is complete; only the worker's acknowledgement was missing
+                self._service.report_lost_worker(lost)
+                continuation = plan_continuation(
+                    self._prompt_token_ids,
+                    self._generated_token_ids,
+                    self._request.params.max_tokens,
+                    self._num_migrations,
+                    self._service.settings.migration_limit,
+                    lost,
+                )
+                self._num_migrations = continuation.migration
+                self._service.metrics.migrated()
+                prompt_token_ids = continuation.prompt_token_ids
+                params = dataclasses.replace(self._request.params, max_tokens=continuation.max_tokens)
+            finally:
+                router.complete(self._worker_request_id)
+
+    def _route(self, prompt_token_ids: list[int]) -> Route:
+        """The router's choice for this attempt; waits up to route_wait_s for a routable decode worker."""
+        self._worker_request_id = f"{self._request_id}-{self._num_migrations}"
+        self._is_prefill_done = False
+        wait_s = self._service.settings.route_wait_s
+        deadline_s = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._service.router.route(self._worker_request_id, prompt_token_ids, self._request.routing_mode)
+            except ServiceUnavailable as exc:
+                if self._sender.is_cancelled():
+                    raise _ClientGone from None
+                if time.monotonic() >= deadline_s:
+                    raise ServiceUnavailable(exc.reason, f"{exc.detail} (waited {wait_s:g} s)") from None
+            time.sleep(ROUTE_RETRY_INTERVAL_S)
 
     def _prefill_done(self) -> None:
         if not self._is_prefill_done:
             self._is_prefill_done = True
             self._service.router.first_token(self._worker_request_id)
 
-    def _relay(self) -> None:
-        responses = self._service.stream_from_worker(
-            self._choice, self._worker_request_id, self._prompt_token_ids, self._request.params
-        )
+    def _relay(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        responses = self._service.worker_responses(self._choice, self._worker_request_id, prompt_token_ids, params)
         for response in responses:
             if response.has_error():
                 raise WorkerStreamError(response.error())
@@ -175,6 +306,12 @@ class _Relay:
         if not self._is_done:
             raise RuntimeError(f"worker ended request {self._worker_request_id} without a finish reason")
 
+    def end_cancelled(self) -> None:
+        """The client went away before a worker was found."""
+        self._is_done = True
+        self._sender.send(flags=FINAL)
+        self._service.metrics.ended("cancelled", self._num_output_tokens)
+
     def fail(self, error: Exception) -> None:
         if self._is_done:
             return
@@ -186,12 +323,16 @@ class _Relay:
             self._sender.send(error_response(error), flags=FINAL)
 
     def _on_worker_response(self, response) -> None:
+        finish_reason = read_output(response, "finish_reason")
+        if finish_reason is not None and finish_reason.reshape(-1)[0].decode() == "abort":
+            # Nobody asked for it (a client that left is handled before): the worker is being unloaded.
+            raise WorkerLost(self._choice.decode_worker, "aborted", "it ended the request unasked (unloaded?)")
         new_token_ids = read_output(response, "output_ids")
         new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
         if new_token_ids:
             self._prefill_done()
             self._time_tokens(len(new_token_ids))
-        finish_reason = read_output(response, "finish_reason")
+            self._generated_token_ids.extend(new_token_ids)
         self._num_output_tokens += len(new_token_ids)
         text = self._detokenizer.push(new_token_ids)
         if finish_reason is not None:
@@ -214,7 +355,12 @@ class _Relay:
             self._service.metrics.ended("cancelled", self._num_output_tokens)
         else:
             self._send(finish_reason)
-        self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
+        try:
+            self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
+        except WorkerStreamError as exc:
+            if lost_worker_reason(exc.error.message()) is None:
+                raise
+            raise WorkerLost(self._choice.decode_worker, "gone", exc.error.message()) from None
 
     def _send(self, finish_reason: str | None) -> None:
         request = self._request
