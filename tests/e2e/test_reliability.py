@@ -23,6 +23,7 @@ from tritonclient.utils import np_to_triton_dtype
 from tests.e2e.conftest import CLOSE_CONNECTION, MIN_REMOTE_TOKENS, Client, _start
 from triton_disagg.model_control import ModelControl, router_action
 from triton_disagg.tools.faults import kill_worker
+from triton_disagg.tools.soak import SoakSettings, SoakTarget, run_soak
 
 pytestmark = pytest.mark.e2e
 
@@ -257,3 +258,14 @@ def test_with_no_routable_worker_a_request_waits_then_gets_unavailable(faulty):
     finally:
         for name in ("decode_0", "decode_1"):
             router_action(url, "undrain", name)
+
+
+def test_a_short_soak_loses_no_request_and_leaks_no_block(faulty):
+    """Four streams for 24 s with cancellations, disconnects, and decode_0 killed at 8 s and loaded again at 16 s."""
+    server = faulty.server
+    target = SoakTarget(server.http_url, server.grpc_url, server.metrics_url, server.run_dir, server.pid)
+    report = run_soak(target, SoakSettings(streams=4, duration_s=24.0, max_tokens=(8, 40)))
+    assert report.failures == []
+    assert (report.lost, report.server_errors) == (0, 0)
+    assert report.completed > 0 and report.cancelled > 0
+    assert report.leaked_blocks and not any(report.leaked_blocks.values()), report.leaked_blocks
