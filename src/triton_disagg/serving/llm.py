@@ -9,8 +9,8 @@ another decode worker (see `serving.migration`), at most `migration_limit` times
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -20,10 +20,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
-import dataclasses
-
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.errors import ServiceUnavailable
+from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.detokenizer import IncrementalDetokenizer
 from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.llm_metrics import LLMMetrics
@@ -52,15 +51,35 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 #: Seconds between two route attempts while no decode worker is routable.
 ROUTE_RETRY_INTERVAL_S = 0.2
-#: Seconds without a response from the decode worker after which it is probed (a dead stub's
-#: streams never end on their own: Triton does not fail the requests in flight on it).
+#: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
 WORKER_PROBE_AFTER_S = 2.0
 #: The request id of a liveness probe: an abort of a request no worker has.
 PROBE_REQUEST_ID = "liveness-probe"
 
-_END = object()
-
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class WorkerUpdate:
+    """One decode worker response, read out of its Triton object on the thread that received it."""
+
+    new_token_ids: list[int]
+    finish_reason: str | None
+    #: The worker's error, if it answered with one: its message and TritonError code.
+    error_message: str | None = None
+    error_code: int | None = None
+
+    @classmethod
+    def of(cls, response) -> "WorkerUpdate":
+        if response.has_error():
+            error = response.error()
+            return cls([], None, error.message(), int(error.code()))
+        token_ids = read_output(response, "output_ids")
+        finish_reason = read_output(response, "finish_reason")
+        return cls(
+            new_token_ids=[] if token_ids is None else token_ids.tolist(),
+            finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
+        )
 
 
 class WorkerStreamError(RuntimeError):
@@ -130,42 +149,35 @@ class LLMService:
         )
         return request.exec(decoupled=True)
 
-    def worker_responses(
+    def worker_updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> Iterator:
-        """The decode worker's responses to a new request, in order; error responses included.
+    ) -> Iterator["WorkerUpdate"]:
+        """The decode worker's responses to a new request, in order, as plain data.
 
-        Raises WorkerLost when the worker is dead or gone: an error that says so, or silence past
-        WORKER_PROBE_AFTER_S followed by a failed liveness probe. A dead stub's stream never ends,
-        so it is read on a thread of its own (left blocked on it; it holds nothing else).
+        Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
+        failed probe: see `serving.bls_stream`), WorkerStreamError for its own verdict on the request.
         """
-        received: queue.SimpleQueue = queue.SimpleQueue()
-
-        def pump() -> None:
-            try:
-                for response in self.stream_from_worker(choice, request_id, prompt_token_ids, params):
-                    received.put(response)
-                received.put(_END)
-            except Exception as exc:  # noqa: BLE001 - handed to the relay, which decides
-                received.put(exc)
-
         worker = choice.decode_worker
-        threading.Thread(target=pump, name="llm-worker-stream", daemon=True).start()
-        while True:
-            try:
-                item = received.get(timeout=WORKER_PROBE_AFTER_S)
-            except queue.Empty:
-                if (reason := self.probe_worker(worker)) is not None:
-                    raise WorkerLost(worker, reason, f"no response for {WORKER_PROBE_AFTER_S:g} s and its probe failed") from None
-                continue
-            if item is _END:
-                return
-            message = str(item) if isinstance(item, Exception) else item.error().message() if item.has_error() else None
-            if message is not None and (reason := lost_worker_reason(message)) is not None:
-                raise WorkerLost(worker, reason, message)
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        updates = watched_stream(
+            worker,
+            lambda: self.stream_from_worker(choice, request_id, prompt_token_ids, params),
+            WorkerUpdate.of,
+            lambda: self.probe_worker(worker),
+            WORKER_PROBE_AFTER_S,
+        )
+        try:
+            for update in updates:
+                if update.error_message is not None:
+                    if (reason := lost_worker_reason(update.error_message)) is not None:
+                        raise WorkerLost(worker, reason, update.error_message)
+                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, update.error_code))
+                yield update
+        except (WorkerLost, WorkerStreamError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call: lost, or passed on as it is
+            if (reason := lost_worker_reason(str(exc))) is not None:
+                raise WorkerLost(worker, reason, str(exc)) from None
+            raise
 
     def probe_worker(self, decode_worker: str) -> str | None:
         """None when the decode worker answers; else why not ("dead" or "gone")."""
@@ -293,16 +305,14 @@ class _Relay:
             self._service.router.first_token(self._worker_request_id)
 
     def _relay(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        responses = self._service.worker_responses(self._choice, self._worker_request_id, prompt_token_ids, params)
-        for response in responses:
-            if response.has_error():
-                raise WorkerStreamError(response.error())
+        updates = self._service.worker_updates(self._choice, self._worker_request_id, prompt_token_ids, params)
+        for update in updates:
             if self._is_done:
                 continue  # stopped early: drain until the worker acknowledges the abort
             if self._sender.is_cancelled():
                 self._finish_early(None)
                 continue
-            self._on_worker_response(response)
+            self._on_worker_update(update)
         if not self._is_done:
             raise RuntimeError(f"worker ended request {self._worker_request_id} without a finish reason")
 
@@ -322,13 +332,12 @@ class _Relay:
         else:
             self._sender.send(error_response(error), flags=FINAL)
 
-    def _on_worker_response(self, response) -> None:
-        finish_reason = read_output(response, "finish_reason")
-        if finish_reason is not None and finish_reason.reshape(-1)[0].decode() == "abort":
+    def _on_worker_update(self, update: WorkerUpdate) -> None:
+        finish_reason = update.finish_reason
+        if finish_reason == "abort":
             # Nobody asked for it (a client that left is handled before): the worker is being unloaded.
             raise WorkerLost(self._choice.decode_worker, "aborted", "it ended the request unasked (unloaded?)")
-        new_token_ids = read_output(response, "output_ids")
-        new_token_ids = [] if new_token_ids is None else new_token_ids.tolist()
+        new_token_ids = update.new_token_ids
         if new_token_ids:
             self._prefill_done()
             self._time_tokens(len(new_token_ids))
@@ -343,7 +352,7 @@ class _Relay:
         elif self._stop.is_stopped or finish_reason is not None:
             self._unsent_text += self._stop.flush()
             self._is_done = True
-            self._send("stop" if self._stop.is_stopped else finish_reason.reshape(-1)[0].decode())
+            self._send("stop" if self._stop.is_stopped else finish_reason)
         elif self._request.stream and self._unsent_text:
             self._send(None)
 

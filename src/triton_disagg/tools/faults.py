@@ -14,10 +14,10 @@ import signal
 from pathlib import Path
 
 
-def worker_stub_pids(run_dir: Path, model_name: str) -> list[int]:
-    """Pids of the Python backend stubs serving `model_name` for the server whose run directory is `run_dir`."""
-    model_py = str(Path(run_dir).resolve() / "model_repository" / model_name / "1" / "model.py")
-    pids = []
+def stubs(run_dir: Path) -> dict[int, str]:
+    """The Python backend stubs of the server whose run directory is `run_dir`: pid -> model name."""
+    repository = Path(run_dir).resolve() / "model_repository"
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -25,9 +25,16 @@ def worker_stub_pids(run_dir: Path, model_name: str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # the process ended while we looked
             continue
-        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub") and argv[1].decode(errors="replace") == model_py:
-            pids.append(int(entry.name))
-    return sorted(pids)
+        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
+            model_py = Path(argv[1].decode(errors="replace"))
+            if model_py.parent.parent.parent == repository:
+                found[int(entry.name)] = model_py.parent.parent.name
+    return found
+
+
+def worker_stub_pids(run_dir: Path, model_name: str) -> list[int]:
+    """Pids of the Python backend stubs serving `model_name` for the server whose run directory is `run_dir`."""
+    return sorted(pid for pid, model in stubs(run_dir).items() if model == model_name)
 
 
 def kill_worker(run_dir: Path, model_name: str) -> list[int]:

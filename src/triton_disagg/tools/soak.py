@@ -7,7 +7,7 @@ longer prompts) and runs `--streams` client loops against it. Each loop
 sends streamed requests one after another: most run to their end, some are
 cancelled by the client over gRPC, some are dropped by an HTTP client that
 closes its connection. A third of the way in, decode_0's stub is killed
-(SIGKILL); two thirds in, it is loaded again. Then the load stops and the run
+(SIGKILL; `--fault unload` unloads it instead); two thirds in, it is loaded again. Then the load stops and the run
 checks what the issue of a reliable server asks for:
 
 - every request either completed (all its tokens, a finish reason) or was
@@ -17,6 +17,15 @@ checks what the issue of a reliable server asks for:
 
 It prints a table and writes JSON. `run_soak` is what the test suite calls
 for its short version against a server it already runs.
+
+Found with it: in Triton 2.51, a SIGKILL of a decode worker's stub while
+many streams run through it sometimes crashes an `llm` stub relaying them
+("double free or corruption", "malloc(): unaligned fastbin chunk" in the
+server log, a segfault in libpython): a fault of the Python backend's BLS
+path, not of the code it runs. The requests in flight on that `llm` stub
+hang (Triton fails none of them) and every later request given to it is
+refused ("Stub process 'llm_0_0' is not healthy") until `llm` is loaded
+again. The report counts such stubs in `crashed_stubs`.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from triton_disagg.model_control import ModelControl
-from triton_disagg.tools.faults import kill_worker
+from triton_disagg.tools.faults import kill_worker, stubs
 
 CLOSE = {"Connection": "close"}
 
@@ -55,10 +64,13 @@ class SoakSettings:
     #: Fractions of requests the client cancels (gRPC) or walks away from (HTTP) mid-stream.
     cancel_fraction: float = 0.1
     disconnect_fraction: float = 0.1
-    #: Kill decode_0 at this fraction of the run and load it again at `reload_at`; None: no fault.
+    #: Take decode_0 away at this fraction of the run and load it again at `reload_at` (None: not again);
+    #: `kill_at` None: no fault.
     kill_at: float | None = 1 / 3
-    reload_at: float = 2 / 3
+    reload_at: float | None = 2 / 3
     worker: str = "decode_0"
+    #: How the worker goes away: "kill" (SIGKILL of its stub) or "unload" (model control, requests in flight).
+    fault: str = "kill"
     max_tokens: tuple[int, int] = (8, 64)
     seed: int = 0
     #: How long the pools may take to come back whole once the load stopped.
@@ -79,6 +91,8 @@ class SoakReport:
     rss_start_mib: float = 0.0
     rss_end_mib: float = 0.0
     killed: str | None = None
+    #: Stubs that ended during the run and were not killed by it ("llm", ...): a crash.
+    crashed_stubs: list[str] = field(default_factory=list)
     #: One line per lost request: what went wrong.
     failures: list[str] = field(default_factory=list)
 
@@ -115,7 +129,7 @@ def _stream_http(target: SoakTarget, prompt: str, max_tokens: int, disconnect_af
     body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "exclude_input_in_output": True, "return_num_output_tokens": True}  # fmt: skip
     num_events, last = 0, None
-    with requests.post(f"{target.http_url}/v2/models/llm/generate_stream", json=body, headers=CLOSE, stream=True, timeout=300) as response:
+    with requests.post(f"{target.http_url}/v2/models/llm/generate_stream", json=body, headers=CLOSE, stream=True, timeout=120) as response:
         if response.status_code != 200:
             return "lost", f"HTTP {response.status_code}: {response.text[:200]}"
         for line in response.iter_lines():
@@ -193,6 +207,7 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
     report = SoakReport(streams=settings.streams, duration_s=settings.duration_s)
     migrations_before = sum(target.metric("triton_disagg_llm_migrations_total").values())
     report.rss_start_mib = target.rss_mib()
+    stubs_at_start = stubs(target.run_dir)
     stop, lock = threading.Event(), threading.Lock()
     threads = [
         threading.Thread(target=_client_loop, args=(target, settings, i, stop, report, lock), daemon=True)
@@ -201,23 +216,33 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
     started_s = time.monotonic()
     for thread in threads:
         thread.start()
+    control = ModelControl(target.http_url)
     if settings.kill_at is not None:
         _sleep_until(started_s + settings.kill_at * settings.duration_s)
-        progress(f"killing {settings.worker} (SIGKILL of its stub)")
-        kill_worker(target.run_dir, settings.worker)
-        report.killed = settings.worker
+        if settings.fault == "kill":
+            progress(f"killing {settings.worker} (SIGKILL of its stub)")
+            kill_worker(target.run_dir, settings.worker)
+        else:
+            progress(f"unloading {settings.worker} under load")
+            control.unload(settings.worker)
+        report.killed = f"{settings.worker} ({settings.fault})"
+    if settings.kill_at is not None and settings.reload_at is not None:
         _sleep_until(started_s + settings.reload_at * settings.duration_s)
         progress(f"loading {settings.worker} again")
-        control = ModelControl(target.http_url)
-        try:
-            control.load_worker(target.run_dir / "model_repository", settings.worker.rsplit("_", 1)[0], settings.worker)
-        finally:
-            control.close()
+        control.load_worker(target.run_dir / "model_repository", settings.worker.rsplit("_", 1)[0], settings.worker)
+    control.close()
     _sleep_until(started_s + settings.duration_s)
     stop.set()
     progress("load stopped; waiting for the last requests")
+    deadline_s = time.monotonic() + 180
     for thread in threads:
-        thread.join(300)
+        thread.join(max(0.0, deadline_s - time.monotonic()))
+        if thread.is_alive():  # its request never ended
+            report.lost += 1
+            report.failures.append("a request still unanswered 180 s after the load stopped")
+    report.crashed_stubs = sorted(
+        model for pid, model in stubs_at_start.items() if pid not in stubs(target.run_dir) and model != settings.worker
+    )
     report.leaked_blocks = _settle(target, settings.settle_timeout_s)
     report.migrated = int(sum(target.metric("triton_disagg_llm_migrations_total").values()) - migrations_before)
     report.rss_end_mib = target.rss_mib()
@@ -248,7 +273,8 @@ def print_table(report: SoakReport) -> None:
         ("requests migrated", report.migrated),
         ("requests lost", report.lost),
         ("HTTP 5xx", report.server_errors),
-        ("worker killed and reloaded", report.killed or "-"),
+        ("worker taken away and reloaded", report.killed or "-"),
+        ("stubs crashed", ", ".join(report.crashed_stubs) or "none"),
         *((f"blocks leaked, {worker}", blocks) for worker, blocks in sorted(report.leaked_blocks.items())),
         ("server RSS start / end (MiB)", f"{report.rss_start_mib:.0f} / {report.rss_end_mib:.0f}"),
     ]
@@ -264,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent client loops")
     parser.add_argument("--minutes", type=float, default=5.0, help="how long the load runs")
     parser.add_argument("--no-kill", action="store_true", help="run without killing a worker")
+    parser.add_argument("--no-reload", action="store_true", help="take the worker away but do not load it again")
+    parser.add_argument("--fault", choices=["kill", "unload"], default="kill", help="how decode_0 goes away midway")
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny default model)")
     parser.add_argument("--output", default="results/soak.json", help="JSON report to write")
     args = parser.parse_args(argv)
@@ -271,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     from triton_disagg.launch.flags import default_model
     from triton_disagg.launch.server import ServerConfig, TritonServer, free_ports
 
-    settings = SoakSettings(streams=args.streams, duration_s=args.minutes * 60, kill_at=None if args.no_kill else 1 / 3)
+    settings = SoakSettings(
+        streams=args.streams,
+        duration_s=args.minutes * 60,
+        kill_at=None if args.no_kill else 1 / 3,
+        reload_at=None if args.no_reload else 2 / 3,
+        fault=args.fault,
+    )
     http_port, grpc_port, metrics_port = free_ports(3)
     with tempfile.TemporaryDirectory(prefix="soak-") as run_dir:
         config = ServerConfig(
@@ -298,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"settings": asdict(settings), "report": asdict(report)}, indent=2))
     print(f"wrote {output}")
-    is_clean = report.lost == 0 and report.server_errors == 0 and not any(report.leaked_blocks.values())
+    is_clean = not (report.lost or report.server_errors or report.crashed_stubs or any(report.leaked_blocks.values()))
     return 0 if is_clean else 1
 
 
