@@ -42,7 +42,7 @@ from triton_disagg.serving.protocol import LLM_INPUT_NAMES
 #: Seconds an answer may take before the input counts as a hang (valid requests ask for few tokens).
 HANG_AFTER_S = 60.0
 #: Triton's own JSON parsing of generate bodies, before the model: a 500 we cannot change.
-TRITON_PARSER_ERROR = re.compile(r"Unable to parse|failed to parse the request JSON|attempt to access JSON")
+TRITON_PARSER_ERROR = re.compile(r"Unable to parse|failed to parse the request JSON|attempt to access JSON|was not found in the JSON")
 #: How an INTERNAL error from our models reads: "<ExceptionName>: message".
 INTERNAL_ERROR = re.compile(r"^[A-Z]\w*(Error|Exception): ")
 CLOSE = {"Connection": "close"}
