@@ -5,6 +5,7 @@ or while every worker is being replaced) before it is answered UNAVAILABLE.
 When its decode worker fails under it (the stub died, the worker was
 unloaded, or it stopped answering a liveness probe), the request moves to
 another decode worker (see `serving.migration`), at most `migration_limit` times.
+The calls to the decode workers themselves are `serving.decode_client`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.errors import ServiceUnavailable
-from triton_disagg.serving.bls_stream import watched_stream
+from triton_disagg.serving.decode_client import DecodeClient, WorkerStreamError, WorkerUpdate
 from triton_disagg.serving.detokenizer import IncrementalDetokenizer
 from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.llm_metrics import LLMMetrics
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason, plan_continuation
 from triton_disagg.serving.protocol import (
     LLM_INPUT_NAMES,
-    WORKER_OUTPUT_NAMES,
     GenerateRequest,
     check_context_window,
     check_max_tokens_limit,
@@ -42,52 +40,14 @@ from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
     int32_tensor,
-    prompt_tensors,
     read_inputs,
-    read_output,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 #: Seconds between two route attempts while no decode worker is routable.
 ROUTE_RETRY_INTERVAL_S = 0.2
-#: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
-WORKER_PROBE_AFTER_S = 2.0
-#: The request id of a liveness probe: an abort of a request no worker has.
-PROBE_REQUEST_ID = "liveness-probe"
-
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(slots=True, frozen=True)
-class WorkerUpdate:
-    """One decode worker response, read out of its Triton object on the thread that received it."""
-
-    new_token_ids: list[int]
-    finish_reason: str | None
-    #: The worker's error, if it answered with one: its message and TritonError code.
-    error_message: str | None = None
-    error_code: int | None = None
-
-    @classmethod
-    def of(cls, response) -> "WorkerUpdate":
-        if response.has_error():
-            error = response.error()
-            return cls([], None, error.message(), int(error.code()))
-        token_ids = read_output(response, "output_ids")
-        finish_reason = read_output(response, "finish_reason")
-        return cls(
-            new_token_ids=[] if token_ids is None else token_ids.tolist(),
-            finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
-        )
-
-
-class WorkerStreamError(RuntimeError):
-    """The worker answered a request with an error; carries the worker's TritonError."""
-
-    def __init__(self, error: "pb_utils.TritonError") -> None:
-        super().__init__(error.message())
-        self.error = error
 
 
 class LLMService:
@@ -101,6 +61,7 @@ class LLMService:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
         self.router = RouterClient()
+        self.decode = DecodeClient()
         self.directory = DirectoryClient()
         self.metrics = LLMMetrics()
         self._threads: set[threading.Thread] = set()
@@ -133,72 +94,6 @@ class LLMService:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
-
-    def stream_from_worker(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
-        inputs = prompt_tensors(prompt_token_ids, params)
-        if choice.prefill_worker is not None:
-            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
-        if choice.prefill_pool_saturated:
-            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
-        request = pb_utils.InferenceRequest(
-            model_name=choice.decode_worker,
-            inputs=inputs,
-            requested_output_names=list(WORKER_OUTPUT_NAMES),
-            request_id=request_id,
-        )
-        return request.exec(decoupled=True)
-
-    def worker_updates(
-        self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> Iterator["WorkerUpdate"]:
-        """The decode worker's responses to a new request, in order, as plain data.
-
-        Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
-        failed probe: see `serving.bls_stream`), WorkerStreamError for its own verdict on the request.
-        """
-        worker = choice.decode_worker
-        updates = watched_stream(
-            worker,
-            lambda: self.stream_from_worker(choice, request_id, prompt_token_ids, params),
-            WorkerUpdate.of,
-            lambda: self.probe_worker(worker),
-            WORKER_PROBE_AFTER_S,
-        )
-        try:
-            for update in updates:
-                if update.error_message is not None:
-                    if (reason := lost_worker_reason(update.error_message)) is not None:
-                        raise WorkerLost(worker, reason, update.error_message)
-                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, update.error_code))
-                yield update
-        except (WorkerLost, WorkerStreamError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failed BLS call: lost, or passed on as it is
-            if (reason := lost_worker_reason(str(exc))) is not None:
-                raise WorkerLost(worker, reason, str(exc)) from None
-            raise
-
-    def probe_worker(self, decode_worker: str) -> str | None:
-        """None when the decode worker answers; else why not ("dead" or "gone")."""
-        try:
-            self.abort_on_worker(decode_worker, PROBE_REQUEST_ID)
-        except WorkerStreamError as exc:
-            return lost_worker_reason(exc.error.message())
-        except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
-            return lost_worker_reason(str(exc)) or "gone"
-        return None
-
-    def abort_on_worker(self, decode_worker: str, request_id: str) -> None:
-        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
-        request = pb_utils.InferenceRequest(
-            model_name=decode_worker,
-            inputs=[bytes_tensor("abort_request_id", request_id)],
-            requested_output_names=[],
-        )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise WorkerStreamError(response.error())
 
     def report_lost_worker(self, lost: WorkerLost) -> None:
         """Tell the router to route around a worker that failed under a request, and the KV directory to
@@ -305,7 +200,7 @@ class _Relay:
             self._service.router.first_token(self._worker_request_id)
 
     def _relay(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        updates = self._service.worker_updates(self._choice, self._worker_request_id, prompt_token_ids, params)
+        updates = self._service.decode.updates(self._choice, self._worker_request_id, prompt_token_ids, params)
         for update in updates:
             if self._is_done:
                 continue  # stopped early: drain until the worker acknowledges the abort
@@ -365,7 +260,7 @@ class _Relay:
         else:
             self._send(finish_reason)
         try:
-            self._service.abort_on_worker(self._choice.decode_worker, self._worker_request_id)
+            self._service.decode.abort(self._choice.decode_worker, self._worker_request_id)
         except WorkerStreamError as exc:
             if lost_worker_reason(exc.error.message()) is None:
                 raise
