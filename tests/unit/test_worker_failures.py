@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from triton_disagg.errors import ServiceUnavailable, is_unavailable_message
@@ -10,6 +12,7 @@ from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.health import WorkerHealth
 from triton_disagg.router.subscriber import StreamState, StreamStatus
+from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason, plan_continuation
 
 A, B = WorkerId("decode_0"), WorkerId("decode_1")
@@ -97,3 +100,38 @@ def test_the_kv_directory_keeps_one_life_per_worker_and_drops_unloaded_ones():
     assert directory.retain_models({"decode_0", "llm"}) == ["prefill_0-bbbb"]
     assert directory.forget_model("decode_0") == ["decode_0-cccc"]
     assert directory.agent_names() == []
+
+
+def test_a_watched_stream_yields_converted_responses_in_order():
+    stream = watched_stream("decode_0", lambda: iter([1, 2, 3]), lambda r: r * 10, lambda: pytest.fail("no probe"), 5.0)
+    assert list(stream) == [10, 20, 30]
+
+
+def test_a_watched_stream_that_goes_silent_is_probed_and_given_up_when_the_probe_fails():
+    never = threading.Event()
+
+    def start():
+        yield "first"
+        never.wait()  # a dead stub's stream: no response, no end
+
+    probes = []
+    answers = iter([None, "dead"])  # alive at the first probe, dead at the second
+
+    def probe():
+        probes.append(1)
+        return next(answers)
+
+    stream = watched_stream("decode_0", start, str.upper, probe, probe_after_s=0.01)
+    assert next(stream) == "FIRST"
+    with pytest.raises(WorkerLost) as raised:
+        next(stream)
+    assert (raised.value.worker_name, raised.value.reason, len(probes)) == ("decode_0", "dead", 2)
+    never.set()
+
+
+def test_a_watched_stream_passes_on_what_opening_it_raised():
+    def start():
+        raise RuntimeError("Request for unknown model: 'decode_9' is not found")
+
+    with pytest.raises(RuntimeError, match="decode_9"):
+        list(watched_stream("decode_9", start, str, lambda: None, 5.0))
