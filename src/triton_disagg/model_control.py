@@ -103,10 +103,17 @@ class ModelControl:
         config = worker_config(repository / template, name, placement, parameters)
         self._client.load_model(name, headers=self._headers, config=config)
 
+    def model_config(self, name: str) -> dict:
+        """The loaded model's configuration, as Triton's JSON."""
+        return self._client.get_model_config(name, headers=self._headers)
+
+    def load_model(self, name: str, config: str | None = None) -> None:
+        """Load (or load again) `name` from the repository; `config` (JSON) overrides its config.pbtxt."""
+        self._client.load_model(name, headers=self._headers, config=config)
+
     def placement_of(self, name: str) -> Placement:
         """Where the loaded model `name` runs, from its config: the GPU of its first instance group, or the CPU."""
-        config = self._client.get_model_config(name, headers=self._headers)
-        for group in config.get("instance_group", []):
+        for group in self.model_config(name).get("instance_group", []):
             if group.get("kind") == "KIND_GPU" and group.get("gpus"):
                 return Placement(gpu=int(group["gpus"][0]))
         return Placement()

@@ -9,6 +9,8 @@ load generator runs into.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,7 @@ from tests.e2e.conftest import CLOSE_CONNECTION, MIN_REMOTE_TOKENS, Client, _sta
 from triton_disagg.frontend.config import FrontendConfig
 from triton_disagg.launch.frontend import FrontendProcess
 from triton_disagg.launch.server import free_ports
+from triton_disagg.launch.supervisor import StubSupervisor, stubs
 from triton_disagg.model_control import ModelControl, router_action
 from triton_disagg.tools.faults import kill_worker
 from triton_disagg.tools.soak import SoakSettings, SoakTarget, run_soak
@@ -294,3 +297,22 @@ def test_the_frontend_is_ready_only_while_a_worker_is_routable_and_answers_503_w
             for name in ("decode_0", "decode_1"):
                 router_action(url, "undrain", name)
         assert requests.get(f"{frontend.url}/health", timeout=10).status_code == 200
+
+
+def test_the_supervisor_loads_again_a_model_whose_stub_died(faulty):
+    """Triton 2.51 keeps a model with a dead stub READY and refuses every request given to that instance."""
+    server = faulty.server
+    supervisor = StubSupervisor(server.http_url, server.run_dir)
+    try:
+        assert supervisor.check() == []
+        (llm_stub, *_) = [pid for pid, model in stubs(server.run_dir).items() if model == "llm"]
+        os.kill(llm_stub, signal.SIGKILL)
+        kill_worker(server.run_dir, "decode_1")
+        assert wait_for(lambda: llm_stub not in stubs(server.run_dir), 10)
+        assert supervisor.check() == ["decode_1", "llm"]
+        assert wait_for(lambda: routable_decode_workers(faulty) == 2, 60)
+        for i in range(6):  # both llm instances, both decode workers
+            assert faulty.generate(text_input=f"healed {i}", max_tokens=3, routing_mode="round_robin")["finish_reason"] == "length"
+        assert supervisor.check() == []
+    finally:
+        supervisor.close()

@@ -8,6 +8,7 @@ import pytest
 
 from triton_disagg.errors import ServiceUnavailable, is_unavailable_message
 from triton_disagg.kv_transfer.directory import KVDirectory
+from triton_disagg.launch.supervisor import models_missing_a_stub
 from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.health import WorkerHealth
@@ -135,3 +136,11 @@ def test_a_watched_stream_passes_on_what_opening_it_raised():
 
     with pytest.raises(RuntimeError, match="decode_9"):
         list(watched_stream("decode_9", start, str, lambda: None, 5.0))
+
+
+def test_models_missing_a_stub():
+    instances = {"llm": 2, "router": 1, "decode_0": 1, "decode_1": 1}
+    live = {10: "llm", 11: "router", 12: "decode_0", 13: "decode_1", 14: "kv_transfer"}
+    assert models_missing_a_stub(instances, live) == ["llm"]
+    assert models_missing_a_stub(instances, {**live, 15: "llm"}) == []
+    assert models_missing_a_stub(instances, {}) == ["decode_0", "decode_1", "llm", "router"]

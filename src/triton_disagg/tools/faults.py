@@ -13,23 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-
-def stubs(run_dir: Path) -> dict[int, str]:
-    """The Python backend stubs of the server whose run directory is `run_dir`: pid -> model name."""
-    repository = Path(run_dir).resolve() / "model_repository"
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # the process ended while we looked
-            continue
-        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
-            model_py = Path(argv[1].decode(errors="replace"))
-            if model_py.parent.parent.parent == repository:
-                found[int(entry.name)] = model_py.parent.parent.name
-    return found
+from triton_disagg.launch.supervisor import stubs
 
 
 def worker_stub_pids(run_dir: Path, model_name: str) -> list[int]:

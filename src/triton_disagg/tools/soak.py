@@ -7,7 +7,8 @@ longer prompts) and runs `--streams` client loops against it. Each loop
 sends streamed requests one after another: most run to their end, some are
 cancelled by the client over gRPC, some are dropped by an HTTP client that
 closes its connection. A third of the way in, decode_0's stub is killed
-(SIGKILL; `--fault unload` unloads it instead); two thirds in, it is loaded again. Then the load stops and the run
+(SIGKILL; `--fault unload` unloads it instead); it is loaded again by the
+stub supervisor `serve` runs (`--no-supervisor`: two thirds in). Then the load stops and the run
 checks what the issue of a reliable server asks for:
 
 - every request either completed (all its tokens, a finish reason) or was
@@ -47,6 +48,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
+from triton_disagg.launch.supervisor import StubSupervisor
 from triton_disagg.model_control import ModelControl
 from triton_disagg.tools.faults import kill_worker, stubs
 
@@ -75,6 +77,8 @@ class SoakSettings:
     seed: int = 0
     #: How long the pools may take to come back whole once the load stopped.
     settle_timeout_s: float = 60.0
+    #: Run the stub supervisor as `serve` does (a model whose stub crashed is loaded again).
+    supervise: bool = True
 
 
 @dataclass(slots=True)
@@ -93,6 +97,8 @@ class SoakReport:
     killed: str | None = None
     #: Stubs that ended during the run and were not killed by it ("llm", ...): a crash.
     crashed_stubs: list[str] = field(default_factory=list)
+    #: Models the supervisor loaded again during the run (the killed worker before its scheduled reload included).
+    supervisor_reloads: list[str] = field(default_factory=list)
     #: One line per lost request: what went wrong.
     failures: list[str] = field(default_factory=list)
 
@@ -217,8 +223,16 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
     for thread in threads:
         thread.start()
     control = ModelControl(target.http_url)
+    supervisor = StubSupervisor(target.http_url, target.run_dir) if settings.supervise else None
+
+    def supervised_sleep_until(deadline_s: float) -> None:
+        while (left_s := deadline_s - time.monotonic()) > 0:
+            time.sleep(min(0.5, left_s))
+            if supervisor is not None:
+                report.supervisor_reloads += supervisor.check()
+
     if settings.kill_at is not None:
-        _sleep_until(started_s + settings.kill_at * settings.duration_s)
+        supervised_sleep_until(started_s + settings.kill_at * settings.duration_s)
         if settings.fault == "kill":
             progress(f"killing {settings.worker} (SIGKILL of its stub)")
             kill_worker(target.run_dir, settings.worker)
@@ -226,12 +240,15 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
             progress(f"unloading {settings.worker} under load")
             control.unload(settings.worker)
         report.killed = f"{settings.worker} ({settings.fault})"
-    if settings.kill_at is not None and settings.reload_at is not None:
-        _sleep_until(started_s + settings.reload_at * settings.duration_s)
+    # Supervised, a killed worker is loaded again by the supervisor (as `serve` does) within a second.
+    if settings.kill_at is not None and settings.reload_at is not None and not (supervisor and settings.fault == "kill"):
+        supervised_sleep_until(started_s + settings.reload_at * settings.duration_s)
         progress(f"loading {settings.worker} again")
         control.load_worker(target.run_dir / "model_repository", settings.worker.rsplit("_", 1)[0], settings.worker)
     control.close()
-    _sleep_until(started_s + settings.duration_s)
+    supervised_sleep_until(started_s + settings.duration_s)
+    if supervisor is not None:
+        supervisor.close()
     stop.set()
     progress("load stopped; waiting for the last requests")
     deadline_s = time.monotonic() + 180
@@ -240,6 +257,7 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
         if thread.is_alive():  # its request never ended
             report.lost += 1
             report.failures.append("a request still unanswered 180 s after the load stopped")
+    # Every stub that was running at the start and ended, but the one killed on purpose.
     report.crashed_stubs = sorted(
         model for pid, model in stubs_at_start.items() if pid not in stubs(target.run_dir) and model != settings.worker
     )
@@ -275,6 +293,7 @@ def print_table(report: SoakReport) -> None:
         ("HTTP 5xx", report.server_errors),
         ("worker taken away and reloaded", report.killed or "-"),
         ("stubs crashed", ", ".join(report.crashed_stubs) or "none"),
+        ("models the supervisor loaded again", ", ".join(report.supervisor_reloads) or "none"),
         *((f"blocks leaked, {worker}", blocks) for worker, blocks in sorted(report.leaked_blocks.items())),
         ("server RSS start / end (MiB)", f"{report.rss_start_mib:.0f} / {report.rss_end_mib:.0f}"),
     ]
@@ -292,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-kill", action="store_true", help="run without killing a worker")
     parser.add_argument("--no-reload", action="store_true", help="take the worker away but do not load it again")
     parser.add_argument("--fault", choices=["kill", "unload"], default="kill", help="how decode_0 goes away midway")
+    parser.add_argument("--no-supervisor", action="store_true", help="do not load again a model whose stub crashed")
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny default model)")
     parser.add_argument("--output", default="results/soak.json", help="JSON report to write")
     args = parser.parse_args(argv)
@@ -305,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         kill_at=None if args.no_kill else 1 / 3,
         reload_at=None if args.no_reload else 2 / 3,
         fault=args.fault,
+        supervise=not args.no_supervisor,
     )
     http_port, grpc_port, metrics_port = free_ports(3)
     with tempfile.TemporaryDirectory(prefix="soak-") as run_dir:
