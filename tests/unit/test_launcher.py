@@ -97,6 +97,9 @@ def test_reliability_settings_reach_the_llm_model(tmp_path):
     config = ServerConfig(model_path=model, run_dir=tmp_path, route_wait_s=0.5, migration_limit=0, max_tokens_limit=256)
     llm = llm_settings(_parameters_of(render_model_repository(config, tmp_path / "repo") / "llm" / "config.pbtxt"))
     assert (llm.route_wait_s, llm.migration_limit, llm.max_tokens_limit) == (0.5, 0, 256)
+    # The template's own empty parameters take the defaults.
+    defaults = llm_settings({"model_path": str(model), "route_wait_s": "", "migration_limit": "", "max_tokens_limit": ""})
+    assert (defaults.route_wait_s, defaults.migration_limit, defaults.max_tokens_limit) == (10.0, 3, None)
     with pytest.raises(ValueError, match="parameter migration_limit must be >= 0"):
         llm_settings({"model_path": str(model), "migration_limit": "-1"})
     with pytest.raises(ValueError, match="migration_limit must be >= 0"):

@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from triton_disagg.engine.config import EngineConfig
 
+#: How long a request waits for a routable decode worker, unless the `route_wait_s` parameter says otherwise.
+DEFAULT_ROUTE_WAIT_S = 10.0
+#: Times a request may move to another decode worker, unless the `migration_limit` parameter says otherwise.
+DEFAULT_MIGRATION_LIMIT = 3
+
 #: The checkpoint served when a model's `model_path` parameter is empty.
 DEFAULT_MODEL_PATH = Path.home() / ".cache" / "triton-disagg" / "models" / "tiny-llama"
 
@@ -24,9 +29,9 @@ class LLMSettings:
     #: Longest prompt + output, in tokens.
     max_model_len: int
     #: How long a request waits for a routable decode worker before it is answered UNAVAILABLE.
-    route_wait_s: float = 10.0
+    route_wait_s: float = DEFAULT_ROUTE_WAIT_S
     #: Times a request may move to another decode worker when its worker fails (0: never).
-    migration_limit: int = 3
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
     #: Largest max_tokens a request may ask for (None: only the context window limits it).
     max_tokens_limit: int | None = None
 
@@ -64,8 +69,8 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
     return LLMSettings(
         model_path=model_path,
         max_model_len=max_model_len,
-        route_wait_s=LLMSettings.route_wait_s if route_wait_s is None else route_wait_s,
-        migration_limit=LLMSettings.migration_limit if migration_limit is None else migration_limit,
+        route_wait_s=DEFAULT_ROUTE_WAIT_S if route_wait_s is None else route_wait_s,
+        migration_limit=DEFAULT_MIGRATION_LIMIT if migration_limit is None else migration_limit,
         max_tokens_limit=_optional_int(parameters, "max_tokens_limit"),
     )
 
