@@ -19,14 +19,14 @@ checks what the issue of a reliable server asks for:
 It prints a table and writes JSON. `run_soak` is what the test suite calls
 for its short version against a server it already runs.
 
-Found with it: in Triton 2.51, a SIGKILL of a decode worker's stub while
-many streams run through it sometimes crashes an `llm` stub relaying them
-("double free or corruption", "malloc(): unaligned fastbin chunk" in the
-server log, a segfault in libpython): a fault of the Python backend's BLS
-path, not of the code it runs. The requests in flight on that `llm` stub
-hang (Triton fails none of them) and every later request given to it is
-refused ("Stub process 'llm_0_0' is not healthy") until `llm` is loaded
-again. The report counts such stubs in `crashed_stubs`.
+Found with it: under this load an `llm` stub sometimes crashes ("double
+free or corruption", "malloc(): unaligned fastbin chunk" in the server log,
+a segfault in libpython), most often at the moment a decode worker's stub
+is killed or its replacement loads, but also before any fault. The cause
+is not found yet. The requests in flight on that `llm` stub hang (Triton
+fails none of them), and every later request given to it is refused ("Stub
+process 'llm_0_0' is not healthy") until `llm` is loaded again, which the
+supervisor does. The report counts such stubs in `crashed_stubs`.
 """
 
 from __future__ import annotations
