@@ -28,8 +28,9 @@ class Placement:
     gpu: int | None = None
 
 
-def worker_config(template_dir: Path, name: str, placement: Placement = Placement(), parameters: dict[str, str] | None = None) -> str:
-    """The template's config.pbtxt as Triton's JSON config, renamed, placed, and with parameters set."""
+def _worker_config_message(
+    template_dir: Path, name: str, placement: Placement, parameters: dict[str, str] | None
+) -> "model_config_pb2.ModelConfig":
     config = text_format.Parse((template_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     config.name = name
     del config.instance_group[:]
@@ -41,7 +42,28 @@ def worker_config(template_dir: Path, name: str, placement: Placement = Placemen
         group.gpus.append(placement.gpu)
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = value
-    return json.dumps(json_format.MessageToDict(config))
+    return config
+
+
+def worker_config(template_dir: Path, name: str, placement: Placement = Placement(), parameters: dict[str, str] | None = None) -> str:
+    """The template's config.pbtxt as Triton's JSON config, renamed, placed, and with parameters set."""
+    return json.dumps(json_format.MessageToDict(_worker_config_message(template_dir, name, placement, parameters)))
+
+
+def write_worker(
+    repository: Path, template: str, name: str, placement: Placement = Placement(), parameters: dict[str, str] | None = None
+) -> Path:
+    """Make `repository/name` a copy of `repository/template` whose config.pbtxt names and places it.
+
+    The copy on disk is what Triton's repository index lists and what `--load-model=name` loads at
+    start; an existing copy keeps its files and gets the new config. Returns the copy's directory.
+    """
+    target = repository / name
+    if not target.exists():
+        shutil.copytree(repository / template, target, ignore=shutil.ignore_patterns("__pycache__"))
+    config = _worker_config_message(repository / template, name, placement, parameters)
+    (target / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return target
 
 
 class ModelControl:
@@ -77,16 +99,21 @@ class ModelControl:
 
         Raises on failure; the server keeps serving and the copy stays for a retry.
         """
-        target = repository / name
-        if not target.exists():
-            shutil.copytree(repository / template, target, ignore=shutil.ignore_patterns("__pycache__"))
+        write_worker(repository, template, name, placement, parameters)
         config = worker_config(repository / template, name, placement, parameters)
+        self._client.load_model(name, headers=self._headers, config=config)
+
+    def model_config(self, name: str) -> dict:
+        """The loaded model's configuration, as Triton's JSON."""
+        return self._client.get_model_config(name, headers=self._headers)
+
+    def load_model(self, name: str, config: str | None = None) -> None:
+        """Load (or load again) `name` from the repository; `config` (JSON) overrides its config.pbtxt."""
         self._client.load_model(name, headers=self._headers, config=config)
 
     def placement_of(self, name: str) -> Placement:
         """Where the loaded model `name` runs, from its config: the GPU of its first instance group, or the CPU."""
-        config = self._client.get_model_config(name, headers=self._headers)
-        for group in config.get("instance_group", []):
+        for group in self.model_config(name).get("instance_group", []):
             if group.get("kind") == "KIND_GPU" and group.get("gpus"):
                 return Placement(gpu=int(group["gpus"][0]))
         return Placement()

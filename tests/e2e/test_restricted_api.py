@@ -91,3 +91,11 @@ def test_the_planner_connector_with_the_key_adds_and_removes_a_decode_worker(res
     assert connector.remove_worker("decode") == "decode_1"
     assert connector.workers("decode") == ["decode_0"]
     assert restricted.generate(text_input="after the unload", max_tokens=2)["finish_reason"] == "length"
+
+
+def test_the_key_is_in_no_log_and_no_model_config(restricted):
+    """The router and the KV directory get the key from the environment, never as a model parameter."""
+    assert KEY not in Path(restricted.server.log_path).read_text(errors="replace")
+    for model in ("router", "kv_transfer", "llm", "decode_0"):
+        response = requests.get(f"{restricted.server.http_url}/v2/models/{model}/config", headers=CLOSE_CONNECTION, timeout=30)
+        assert response.status_code == 200 and KEY not in response.text

@@ -96,3 +96,12 @@ def test_context_window_arithmetic(tmp_path):
         served.check_fits(4000, 97, "prompt")
     with pytest.raises(OpenAIError, match="does not fit"):
         served.check_fits(4096, 1, "prompt")
+
+
+def test_a_max_tokens_limit_caps_requests_and_defaults(tmp_path):
+    served = ServedModel.from_checkpoint("tiny", make_model(tmp_path / "m"), max_tokens_limit=64)
+    assert served.check_fits(10, None, "prompt") == 64
+    assert served.check_fits(10, 64, "prompt") == 64
+    with pytest.raises(OpenAIError, match="above this server's limit of 64") as raised:
+        served.check_fits(10, 65, "prompt")
+    assert (raised.value.status_code, raised.value.param) == (400, "max_tokens")

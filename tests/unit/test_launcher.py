@@ -24,7 +24,7 @@ from triton_disagg.launch.server import (
     set_instance_count,
     set_parameter,
 )
-from triton_disagg.model_control import Placement, worker_config
+from triton_disagg.model_control import Placement, worker_config, write_worker
 
 PBTXT = """\
 instance_group [ { count: 2 kind: KIND_CPU } ]
@@ -86,6 +86,7 @@ def test_rendered_parameters_parse_into_settings(tmp_path):
     assert engine_config(_parameters_of(repository / "prefill" / "config.pbtxt")).kv_hold_timeout_s == 30.0
     llm = llm_settings(_parameters_of(repository / "llm" / "config.pbtxt"))
     assert (llm.model_path, llm.max_model_len) == (model, 1024)
+    assert (llm.route_wait_s, llm.migration_limit, llm.max_tokens_limit) == (10.0, 3, None)
     router = RouterConfig.from_mapping(_parameters_of(repository / "router" / "config.pbtxt"))
     assert (router.mode, router.block_size) == (RoutingMode.KV, 8)
     assert decode_parameters["kv_events_dir"] == str(tmp_path.resolve() / "kv_events")
@@ -141,6 +142,28 @@ def test_expert_parallel_settings_reach_both_worker_templates(tmp_path):
         assert engine.eplb_threshold == 0.9
     defaults = engine_config(_parameters_of(render_model_repository(ServerConfig(model_path=model), tmp_path / "r2") / "decode" / "config.pbtxt"))
     assert (defaults.ep_size, defaults.eplb_redundant_experts, defaults.eplb_interval) == (1, 0, 0)
+
+
+def test_reliability_settings_reach_the_llm_model(tmp_path):
+    model = fake_checkpoint(tmp_path / "model")
+    config = ServerConfig(model_path=model, run_dir=tmp_path, route_wait_s=0.5, migration_limit=0, max_tokens_limit=256)
+    llm = llm_settings(_parameters_of(render_model_repository(config, tmp_path / "repo") / "llm" / "config.pbtxt"))
+    assert (llm.route_wait_s, llm.migration_limit, llm.max_tokens_limit) == (0.5, 0, 256)
+    # The template's own empty parameters take the defaults.
+    defaults = llm_settings({"model_path": str(model), "route_wait_s": "", "migration_limit": "", "max_tokens_limit": ""})
+    assert (defaults.route_wait_s, defaults.migration_limit, defaults.max_tokens_limit) == (10.0, 3, None)
+    with pytest.raises(ValueError, match="parameter migration_limit must be >= 0"):
+        llm_settings({"model_path": str(model), "migration_limit": "-1"})
+    with pytest.raises(ValueError, match="migration_limit must be >= 0"):
+        ServerConfig(model_path=model, migration_limit=-1).validate()
+
+
+def test_workers_are_written_to_the_repository_to_load_with_the_server(tmp_path):
+    repository = render_model_repository(ServerConfig(model_path=fake_checkpoint(tmp_path / "m")), tmp_path / "repo")
+    target = write_worker(repository, "decode", "decode_1")
+    assert (target / "1" / "model.py").is_file()
+    config = (target / "config.pbtxt").read_text()
+    assert 'name: "decode_1"' in config and "KIND_CPU" in config and "decoupled: true" in config
 
 
 def test_worker_config_names_and_places_a_copy_of_the_template(tmp_path):

@@ -209,6 +209,16 @@ def test_round_robin_cycles_and_random_is_seeded():
     assert [router.select(request(), 0.0).worker_id for _ in range(6)] == first
 
 
+def test_round_robin_takes_turns_per_pool():
+    """A prefill choice between selects of the decode pool does not skip a decode worker's turn."""
+    router = make_router(A, B, C, mode=RoutingMode.ROUND_ROBIN)
+    decode_choices = []
+    for i in range(4):
+        router.select(request(f"r{i}"), 0.0, [C])  # the prefill pool: C alone
+        decode_choices.append(router.select(request(f"r{i}"), 0.0, [A, B]).worker_id)
+    assert decode_choices == [A, B, A, B]
+
+
 def test_per_request_mode_overrides_the_configured_one():
     router = make_router(A, B, mode=RoutingMode.ROUND_ROBIN)
     router.index.apply_event(B, BlockStored(H, None, (), BLOCK_SIZE))

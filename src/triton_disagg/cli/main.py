@@ -27,6 +27,7 @@ from triton_disagg.launch.flags import EnvFlags, add_serve_flags, default_model,
 from triton_disagg.launch.frontend import FrontendProcess, add_frontend_flags, frontend_config
 from triton_disagg.launch.planner import PlannerProcess
 from triton_disagg.launch.server import ServerError, TritonServer
+from triton_disagg.launch.supervisor import StubSupervisor
 from triton_disagg.serving.settings import DEFAULT_MODEL_PATH
 
 
@@ -85,8 +86,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> int:
-    """Block until the server, the frontend or the planner exits on its own; say which, and return a failing code."""
+    """Block until the server, the frontend or the planner exits on its own; say which, and return a failing code.
+
+    Meanwhile, a model whose Python stub died is loaded again (see launch.supervisor).
+    """
+    supervisor = StubSupervisor(server.http_url, server.run_dir, server.model_control_headers)
     while True:
+        try:
+            for model in supervisor.check():
+                print(f"a Python stub of {model} died; loaded {model} again", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the server may be stopping; its exit is noticed below
+            print(f"could not check the server's models: {exc}", flush=True)
         if not server.is_running():
             code = server.wait()
             print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")

@@ -2,7 +2,10 @@
 
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent
 events or not), GET /v1/models, GET /health (ready to serve: Triton and `llm`
-are ready), GET /live (the process answers), GET /metrics (Prometheus).
+are ready and the router has a decode worker to route to, so a request sent
+now is served), GET /live (the process answers), GET /metrics (Prometheus).
+A server-side condition (no worker routable, a worker lost past the
+migration limit, Triton unreachable) is answered 503 with `Retry-After`.
 With API keys set, /v1/* needs `Authorization: Bearer <key>`; the probes and
 metrics stay open, as load balancers and scrapers expect. Nothing of Triton's
 own API (model control, repository, shared memory) is reachable through here.
@@ -42,6 +45,8 @@ from triton_disagg.frontend.triton_llm import Delta, GenerateParams, TritonLLM
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a client is told to wait before retrying a 503.
+RETRY_AFTER_S = 1
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
@@ -74,9 +79,15 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        if await request.app.state.llm.is_ready():
+        llm: TritonLLM = request.app.state.llm
+        if not await llm.is_ready():
+            detail = "Triton or its llm model is not ready"
+        elif not await llm.num_routable_decode_workers():
+            detail = "no decode worker is routable (none loaded yet, or all being replaced)"
+        else:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "detail": "Triton or its llm model is not ready"}, status_code=503)
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503, headers=headers)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -171,7 +182,10 @@ async def _resolve_model(config: FrontendConfig, llm: TritonLLM) -> ServedModel:
             raise ValueError("the llm model names no model_path; pass --model-path to the frontend")
         path = parameters["model_path"]
         max_model_len = max_model_len or int(parameters.get("max_model_len") or 0) or None
-    return ServedModel.from_checkpoint(config.served_model_name or _name_of(path), path, max_model_len)
+        max_tokens_limit = int(parameters.get("max_tokens_limit") or 0) or None
+    else:
+        max_tokens_limit = None  # the llm model's limit still applies; its refusal is a 400 too
+    return ServedModel.from_checkpoint(config.served_model_name or _name_of(path), path, max_model_len, max_tokens_limit)
 
 
 async def _wait_for_llm(config: FrontendConfig, llm: TritonLLM) -> dict[str, str]:
@@ -195,7 +209,8 @@ async def _check_api_key(request: Request) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise OpenAIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+    # Every key is compared, in constant time each, so the time taken does not tell which one matched.
+    if not [key for key in keys if hmac.compare_digest(token.encode(), key.encode())]:
         raise OpenAIError(401, "the API key is not valid", code="invalid_api_key")
 
 
@@ -289,7 +304,7 @@ class _Generation:
     async def next(self) -> Delta:
         delta = await anext(self.deltas)
         if delta.finish_reason == "abort":
-            raise OpenAIError(503, "the server aborted the request (its worker was stopped); retry it", type="server_error")
+            raise OpenAIError(503, "the server aborted the request (its worker was stopped); retry it", type="service_unavailable")
         self.timer.on_tokens(delta.num_output_tokens)
         return delta
 
@@ -423,6 +438,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         metrics.errors.labels(endpoint, error.type).inc()
         metrics.requests.labels(endpoint, str(error.status_code)).inc()
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
+        if error.status_code == 503:
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
         return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
     @app.exception_handler(OpenAIError)

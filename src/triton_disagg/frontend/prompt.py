@@ -70,9 +70,13 @@ class ServedModel:
     max_model_len: int
     chat_template: ChatTemplate
     created_s: int
+    #: Largest max_tokens a request may ask for (the server's `--max-tokens-limit`); None: no limit.
+    max_tokens_limit: int | None = None
 
     @classmethod
-    def from_checkpoint(cls, name: str, path: Path, max_model_len: int | None = None) -> "ServedModel":
+    def from_checkpoint(
+        cls, name: str, path: Path, max_model_len: int | None = None, max_tokens_limit: int | None = None
+    ) -> "ServedModel":
         """Read tokenizer.json, tokenizer_config.json and config.json of a Hugging Face checkpoint."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
@@ -91,13 +95,17 @@ class ServedModel:
             max_model_len=max_model_len or int(config.get("max_position_embeddings", 2048)),
             chat_template=ChatTemplate(tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, special_tokens),
             created_s=int((path / "config.json").stat().st_mtime),
+            max_tokens_limit=max_tokens_limit,
         )
 
     def count_tokens(self, text: str, add_special_tokens: bool = True) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
-        """max_tokens to run with: as asked, or all the room the prompt leaves. Raises OpenAIError (400)."""
+        """max_tokens to run with: as asked, or all the room the prompt leaves (up to max_tokens_limit).
+        Raises OpenAIError (400)."""
+        if max_tokens is not None and self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
+            raise invalid(f"max_tokens ({max_tokens}) is above this server's limit of {self.max_tokens_limit}", "max_tokens")
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
             raise invalid(
@@ -106,7 +114,7 @@ class ServedModel:
                 param,
             )
         if max_tokens is None:
-            return room
+            return room if self.max_tokens_limit is None else min(room, self.max_tokens_limit)
         if max_tokens > room:
             raise invalid(
                 f"max_tokens ({max_tokens}) is above the {room} tokens this prompt leaves: {num_prompt_tokens} prompt "

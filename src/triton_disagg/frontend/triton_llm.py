@@ -20,9 +20,11 @@ import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from triton_disagg.errors import is_unavailable_message
 from triton_disagg.frontend.protocol import OpenAIError
 
 LLM_MODEL = "llm"
+ROUTER_MODEL = "router"
 #: Seconds a readiness or config call to Triton may take before it counts as failed.
 PROBE_TIMEOUT_S = 5.0
 
@@ -73,6 +75,16 @@ class TritonLLM:
             )
         except InferenceServerException:
             return False
+
+    async def num_routable_decode_workers(self) -> int:
+        """Decode workers the router could route a request to now (0 when the router cannot be asked)."""
+        action = InferInput("action", [1], "BYTES")
+        action.set_data_from_numpy(np.array([b"status"], dtype=np.object_))
+        try:
+            result = await self._client.infer(ROUTER_MODEL, [action], client_timeout=PROBE_TIMEOUT_S)
+        except InferenceServerException:
+            return 0
+        return int(result.as_numpy("num_routable_decode").reshape(-1)[0])
 
     async def model_parameters(self) -> dict[str, str]:
         """The `llm` model's config parameters (model_path, max_model_len)."""
@@ -147,9 +159,13 @@ def _delta(result) -> Delta:
 
 
 def _openai_error(error: InferenceServerException) -> OpenAIError:
-    """Triton's in-stream errors carry a message but no status code; the frontend validated the request
-    already, so what remains is a pool with no worker to take it (503) or a server fault (500)."""
+    """Triton's in-stream errors carry a message but no status code. A server-side condition says so
+    in its text ("unavailable (reason): ..."): 503. The frontend validated the request already, so
+    anything else the llm model refuses is a limit only it knows (400), and the rest a fault (500)."""
     message = error.message() or str(error)
-    if message.startswith("no decode worker"):
-        return OpenAIError(503, message, type="service_unavailable", code="no_worker")
+    if is_unavailable_message(message):
+        reason = message.partition("(")[2].partition(")")[0]
+        return OpenAIError(503, message, type="service_unavailable", code=reason or None)
+    if message.startswith(("max_tokens", "text_input", "stop_words")):
+        return OpenAIError(400, message, param="max_tokens" if message.startswith("max_tokens") else None)
     return OpenAIError(500, f"the model server failed the request: {message}", type="server_error")

@@ -1,8 +1,11 @@
 """The KV directory: which NIXL agents exist, their metadata, and their pool layouts.
 
-Workers register when their engine starts and unregister when unloaded;
-decode workers look peers up lazily and cache what they find. The `kv_transfer`
-Triton model serves one `KVDirectory`; this module has no Triton imports.
+Workers register when their engine starts; a worker registering replaces
+every entry of an earlier life of the same model (a reloaded or restarted
+worker has a new agent). Entries of models no longer loaded are dropped by
+`retain_models`, which the `kv_transfer` model calls with the live models it
+sees in Triton's repository index. Decode workers look peers up lazily and
+cache what they find. This module has no Triton imports.
 """
 
 from __future__ import annotations
@@ -27,10 +30,29 @@ class KVDirectory:
         self._lock = threading.Lock()
 
     def register(self, layout: PoolLayout, metadata: bytes) -> None:
+        """Add an agent, replacing any entry of the same agent or of an earlier agent of its model."""
         if not metadata:
             raise ValueError(f"agent {layout.agent_name!r} registered without NIXL metadata")
         with self._lock:
+            for name in [n for n, e in self._entries.items() if e.layout.model_name == layout.model_name]:
+                del self._entries[name]
             self._entries[layout.agent_name] = DirectoryEntry(layout, metadata)
+
+    def forget_model(self, model_name: str) -> list[str]:
+        """Drop every entry of `model_name` (a worker found dead); returns the agent names dropped."""
+        with self._lock:
+            dropped = [n for n, e in self._entries.items() if e.layout.model_name == model_name]
+            for name in dropped:
+                del self._entries[name]
+            return dropped
+
+    def retain_models(self, live_model_names: set[str]) -> list[str]:
+        """Drop the entries of models not in `live_model_names` (unloaded); returns the agent names dropped."""
+        with self._lock:
+            dropped = [n for n, e in self._entries.items() if e.layout.model_name not in live_model_names]
+            for name in dropped:
+                del self._entries[name]
+            return dropped
 
     def unregister(self, agent_name: str) -> bool:
         with self._lock:

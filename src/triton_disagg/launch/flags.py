@@ -135,6 +135,24 @@ def add_serve_flags(flag: EnvFlags) -> None:
         help="rearrange experts when mean balancedness (mean / max rank load) falls below this",
     )
     flag(
+        "--route-wait-s",
+        type=float,
+        default=10.0,
+        help="how long a request waits for a routable decode worker before it is answered UNAVAILABLE",
+    )
+    flag(
+        "--migration-limit",
+        type=int,
+        default=3,
+        help="times a request moves to another decode worker when its worker dies or is unloaded (0: never)",
+    )
+    flag(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: only the context window limits it)",
+    )
+    flag(
         "--run-dir",
         metavar="DIR",
         default=str(DEFAULT_RUN_DIR),
@@ -185,6 +203,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         eplb_interval=args.eplb_interval,
         eplb_window=args.eplb_window,
         eplb_threshold=args.eplb_threshold,
+        route_wait_s=args.route_wait_s,
+        migration_limit=args.migration_limit,
+        max_tokens_limit=args.max_tokens_limit,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
         model_control_key=args.model_control_key,
     )

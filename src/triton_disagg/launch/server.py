@@ -5,6 +5,11 @@
 model repository for one model checkpoint into a run directory, starts the
 server and waits until the models are ready. The CLI, the end-to-end tests
 and the benchmarks all start servers through it.
+
+The workers are loaded with the other models at start (`--load-model`), not
+through model control afterwards: Triton opens its endpoints only once every
+model it was told to load is ready, so its `/v2/health/ready` never answers
+200 while no worker could serve a request.
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ import site
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from triton_disagg.model_control import ModelControl, RouterRefused, router_action
+from triton_disagg.model_control import RouterRefused, router_action, write_worker
 from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV, MODEL_CONTROL_KEY_HEADER, model_control_headers
 from triton_disagg.serving.settings import DEFAULT_MODEL_PATH
 
@@ -34,7 +38,7 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 MODEL_TEMPLATES = PACKAGE_PARENT / "triton_disagg" / "model_repository"
 DEFAULT_RUN_DIR = Path.home() / ".cache" / "triton-disagg" / "run"
 
-#: The models the server loads at start; workers are loaded after, through model control.
+#: The models every server loads at start, besides its workers (`prefill_<k>`, `decode_<j>`).
 MODELS = ("kv_transfer", "router", "llm")
 
 
@@ -98,6 +102,12 @@ class ServerConfig:
     eplb_window: int = 1000
     #: Rearrange experts when the mean balancedness falls below this.
     eplb_threshold: float = 0.8
+    #: How long a request waits for a routable decode worker before it is answered UNAVAILABLE.
+    route_wait_s: float = 10.0
+    #: Times a request may move to another decode worker when its worker dies or is unloaded (0: never).
+    migration_limit: int = 3
+    #: Largest max_tokens a request may ask for; None: only the context window limits it.
+    max_tokens_limit: int | None = None
     #: A tritonserver binary; None searches PATH, then the nvidia-pytriton wheel.
     tritonserver: Path | None = None
     #: Key of the model-repository API (index, load, unload) over HTTP and gRPC; None leaves it open.
@@ -148,6 +158,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0 (0 turns the tier off), got {getattr(self, name)}")
         if self.kv_disk_path is not None and self.kv_disk_blocks != 0 and self.kv_host_blocks == 0:
             raise ValueError("the disk tier needs the host tier (blocks reach disk through host memory): drop --kv-host-blocks 0")
+        if self.route_wait_s < 0:
+            raise ValueError(f"route_wait_s must be >= 0, got {self.route_wait_s}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0 (0 turns migration off), got {self.migration_limit}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.model_control_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.model_control_key):
             raise ValueError("model_control_key must be non-empty printable ASCII without spaces (it is sent as a header)")
 
@@ -290,7 +306,14 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "min_remote_prefill_tokens": str(config.min_remote_prefill_tokens),
             "kv_pull_timeout_s": str(config.kv_pull_timeout_s),
         },
-        "llm": {"model_path": engine["model_path"], "max_model_len": engine["max_model_len"]},
+        "llm": {
+            "model_path": engine["model_path"],
+            "max_model_len": engine["max_model_len"],
+            "route_wait_s": str(config.route_wait_s),
+            "migration_limit": str(config.migration_limit),
+            "max_tokens_limit": "" if config.max_tokens_limit is None else str(config.max_tokens_limit),
+        },
+        "kv_transfer": {"server_host": config.connect_host, "http_port": str(config.http_port)},
         "router": {
             "mode": config.routing_mode,
             "block_size": str(config.block_size),
@@ -360,11 +383,13 @@ class TritonServer(ChildProcess):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_directory(installation, self.run_dir / "backends")
         repository = render_model_repository(self.config, self.run_dir / "model_repository")
+        for name in self.worker_names:
+            write_worker(repository, name.rsplit("_", 1)[0], name)
         command = [
             str(installation.binary),
             f"--model-repository={repository}",
             "--model-control-mode=explicit",
-            *(f"--load-model={model}" for model in MODELS),
+            *(f"--load-model={model}" for model in (*MODELS, *self.worker_names)),
             f"--backend-directory={backend_dir}",
             f"--http-port={self.config.http_port}",
             f"--grpc-port={self.config.grpc_port}",
@@ -393,8 +418,8 @@ class TritonServer(ChildProcess):
         if self._process is None:
             raise ServerError("server not started; call start() first")
         deadline = time.monotonic() + timeout_s
-        self._wait_for([f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in MODELS], deadline, timeout_s)
-        self._load_workers()
+        models = (*MODELS, *self.worker_names)
+        self._wait_for([f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in models], deadline, timeout_s)
         self._wait_for_router(deadline, timeout_s)
 
     def _wait_for_router(self, deadline: float, timeout_s: float) -> None:
@@ -420,21 +445,6 @@ class TritonServer(ChildProcess):
         return [f"prefill_{k}" for k in range(self.config.prefill_workers)] + [
             f"decode_{j}" for j in range(self.config.decode_workers)
         ]
-
-    def _load_workers(self) -> None:
-        """Load the configured prefill and decode workers from their templates (model control)."""
-        def load(name: str) -> None:
-            control = ModelControl(self.http_url, self.model_control_headers)
-            try:
-                control.load_worker(self.run_dir / "model_repository", name.rsplit("_", 1)[0], name)
-            except Exception as exc:
-                raise ServerError(f"loading worker {name} failed: {exc}; last lines of {self.log_path}:\n{self.log_tail()}") from None
-            finally:
-                control.close()
-
-        # In parallel: each load imports torch and builds an engine in its own stub process.
-        with ThreadPoolExecutor(max_workers=max(1, len(self.worker_names))) as pool:
-            list(pool.map(load, self.worker_names))
 
     def _wait_for(self, urls: list[str], deadline: float, timeout_s: float) -> None:
         while True:

@@ -242,15 +242,19 @@ class ApproxSelector(_CostSelector):
 
 
 class RoundRobinSelector:
+    """Takes turns within each candidate set: choosing a prefill worker does not advance the decode
+    pool's turn (one counter per set, so with two decode workers requests alternate between them)."""
+
     mode = RoutingMode.ROUND_ROBIN
 
     def __init__(self) -> None:
-        self._next = 0
+        self._next: dict[tuple[WorkerId, ...], int] = {}
 
     def select(self, request: RouteRequest, loads: Sequence[WorkerLoad], now_s: float) -> RouteDecision:
-        load = loads[self._next % len(loads)]
-        self._next += 1
-        return RouteDecision(load.worker_id, 0, self.mode, "round_robin", None)
+        candidates = tuple(load.worker_id for load in loads)
+        turn = self._next.get(candidates, 0)
+        self._next[candidates] = turn + 1
+        return RouteDecision(loads[turn % len(loads)].worker_id, 0, self.mode, "round_robin", None)
 
     def on_routed(self, request: RouteRequest, worker_id: WorkerId, now_s: float) -> None:
         pass

@@ -21,7 +21,9 @@ import triton_python_backend_utils as pb_utils
 from triton_disagg.engine.kv_connector import RemoteKV
 from triton_disagg.engine.params import InvalidRequest
 from triton_disagg.kv_transfer.handle import InvalidKVHandle, KVHandle
+from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.disagg import decide_prefill
+from triton_disagg.serving.migration import lost_worker_reason
 from triton_disagg.serving.protocol import (
     DECODE_INPUT_NAMES,
     DecodeGenerate,
@@ -41,6 +43,9 @@ from triton_disagg.serving.worker import FINAL, EngineService, ResponseStream
 from triton_disagg.router.hashing import hash_request_tokens
 
 logger = logging.getLogger(__name__)
+
+#: Seconds without an answer from a prefill worker after which it is probed; a dead one means a local prefill.
+PREFILL_PROBE_AFTER_S = 2.0
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -144,27 +149,26 @@ class DecodeService(EngineService):
                 super().abort(request_id)
 
     def _call_prefill(self, parsed: DecodeGenerate) -> _PrefillResult:
-        request = pb_utils.InferenceRequest(
-            model_name=parsed.prefill_worker,
-            inputs=prompt_tensors(parsed.prompt_token_ids, parsed.params, with_max_tokens=False),
-            requested_output_names=["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"],
-            request_id=uuid.uuid4().hex,
-        )
+        """The prefill worker's first token and KV handle. Raises when it fails, dies or is gone."""
+        worker = parsed.prefill_worker
+
+        def start():  # on the stream's own thread, like every Triton object of the stream
+            request = pb_utils.InferenceRequest(
+                model_name=worker,
+                inputs=prompt_tensors(parsed.prompt_token_ids, parsed.params, with_max_tokens=False),
+                requested_output_names=["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"],
+                request_id=uuid.uuid4().hex,
+            )
+            return request.exec(decoupled=True)
+
+        results = watched_stream(worker, start, _prefill_result_of, lambda: _probe_prefill(worker), PREFILL_PROBE_AFTER_S)
         result = None
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise RuntimeError(response.error().message())
-            token_ids = read_output(response, "output_ids")
-            if token_ids is not None and token_ids.size:
-                reason = read_output(response, "finish_reason")
-                result = _PrefillResult(
-                    first_token_id=int(token_ids.reshape(-1)[0]),
-                    finish_reason=None if reason is None else reason.reshape(-1)[0].decode(),
-                    kv_handle=read_output(response, "kv_handle").tobytes(),
-                    num_cached_tokens=int(read_output(response, "num_cached_tokens").reshape(-1)[0]),
-                )
+        for item in results:
+            if isinstance(item, str):
+                raise RuntimeError(item)
+            result = item or result
         if result is None:
-            raise RuntimeError(f"{parsed.prefill_worker} returned no first token")
+            raise RuntimeError(f"{worker} returned no first token")
         return result
 
     # -- helpers ---------------------------------------------------------------------------
@@ -227,3 +231,35 @@ class DecodeService(EngineService):
             if found is not None:
                 return bool(found.reshape(-1)[0])
         return False
+
+
+def _prefill_result_of(response) -> "_PrefillResult | str | None":
+    """A prefill worker's response as plain data: its result, its error message, or None (no token)."""
+    if response.has_error():
+        return response.error().message()
+    token_ids = read_output(response, "output_ids")
+    if token_ids is None or not token_ids.size:
+        return None
+    reason = read_output(response, "finish_reason")
+    return _PrefillResult(
+        first_token_id=int(token_ids.reshape(-1)[0]),
+        finish_reason=None if reason is None else reason.reshape(-1)[0].decode(),
+        kv_handle=read_output(response, "kv_handle").tobytes(),
+        num_cached_tokens=int(read_output(response, "num_cached_tokens").reshape(-1)[0]),
+    )
+
+
+def _probe_prefill(worker: str) -> str | None:
+    """None while the prefill worker answers a hold check; else why not ("dead" or "gone")."""
+    request = pb_utils.InferenceRequest(
+        model_name=worker,
+        inputs=[pb_utils.Tensor("check_hold_id", np.array([b"liveness-probe"], dtype=np.object_))],
+        requested_output_names=["hold_found"],
+    )
+    try:
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                return lost_worker_reason(response.error().message()) or "gone"
+    except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
+        return lost_worker_reason(str(exc)) or "gone"
+    return None

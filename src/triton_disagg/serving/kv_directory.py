@@ -1,4 +1,9 @@
-"""The `kv_transfer` model (the KV directory) and the BLS client workers use to reach it."""
+"""The `kv_transfer` model (the KV directory) and the BLS client workers use to reach it.
+
+The model follows Triton's repository index (as the router does) and drops
+the entries of workers that were unloaded; `llm` drops those of a decode
+worker it found dead (`forget_model`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
 from triton_disagg.kv_transfer.layout import PoolLayout
+from triton_disagg.serving.live_workers import RepositoryWatcher
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
@@ -20,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 DIRECTORY_MODEL = "kv_transfer"
 DIRECTORY_INPUT_NAMES = ("action", "agent_name", "layout", "metadata")
-ACTIONS = ("register", "unregister", "lookup")
+ACTIONS = ("register", "unregister", "lookup", "forget_model", "list")
+OUTPUT_NAMES = ("found", "layout", "metadata", "agent_names")
 
 
 def _uint8_tensor(name: str, data: bytes) -> "pb_utils.Tensor":
@@ -28,10 +36,26 @@ def _uint8_tensor(name: str, data: bytes) -> "pb_utils.Tensor":
 
 
 class DirectoryService:
-    """Answers register / unregister / lookup; one response per request."""
+    """Answers register / unregister / lookup / forget_model / list; one response per request.
 
-    def __init__(self) -> None:
+    With `http_url`, it polls that server's repository index and drops the entries of models no
+    longer READY (`repository_headers`: the key of a restricted repository API).
+    """
+
+    def __init__(self, http_url: str | None = None, repository_headers: dict[str, str] | None = None) -> None:
         self.directory = KVDirectory()
+        self._watcher = None
+        if http_url:
+            self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
+            self._watcher.start()
+
+    def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    def _on_live(self, model_names: list[str]) -> None:
+        for agent_name in self.directory.retain_models(set(model_names)):
+            logger.info("KV directory: dropped %s (its worker was unloaded)", agent_name)
 
     def execute(self, request) -> "pb_utils.InferenceResponse":
         try:
@@ -42,7 +66,15 @@ class DirectoryService:
                 self.directory.register(layout, inputs["metadata"].tobytes())
                 logger.info("KV directory: registered %s (%d blocks)", layout.agent_name, layout.num_blocks)
                 return self._reply(found=True)
+            if action == "list":
+                return self._reply(found=True, agent_names=self.directory.agent_names())
+            if inputs["agent_name"] is None:
+                raise InvalidRequest(f"action {action} needs agent_name")
             agent_name = bytes(inputs["agent_name"].reshape(-1)[0]).decode()
+            if action == "forget_model":  # agent_name carries the model name here
+                dropped = self.directory.forget_model(agent_name)
+                logger.info("KV directory: dropped %s (model %s found dead)", dropped, agent_name)
+                return self._reply(found=bool(dropped), agent_names=dropped)
             if action == "unregister":
                 return self._reply(found=self.directory.unregister(agent_name))
             if action == "lookup":
@@ -50,17 +82,21 @@ class DirectoryService:
                 if entry is None:
                     return self._reply(found=False)
                 return self._reply(True, entry.layout.encode(), entry.metadata)
-            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+            raise InvalidRequest(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
         except Exception as exc:  # noqa: BLE001 - a bad request gets an error, the directory keeps serving
             return error_response(exc)
 
     @staticmethod
-    def _reply(found: bool, layout: bytes = b"", metadata: bytes = b"") -> "pb_utils.InferenceResponse":
+    def _reply(
+        found: bool, layout: bytes = b"", metadata: bytes = b"", agent_names: list[str] | None = None
+    ) -> "pb_utils.InferenceResponse":
+        names = np.array([n.encode() for n in agent_names or []], dtype=np.object_)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("found", np.array([found], dtype=np.bool_)),
                 _uint8_tensor("layout", layout),
                 _uint8_tensor("metadata", metadata),
+                pb_utils.Tensor("agent_names", names),
             ]
         )
 
@@ -70,6 +106,9 @@ class DirectoryClient:
 
     def register(self, layout: PoolLayout, metadata: bytes) -> None:
         self._call("register", layout.agent_name, layout.encode(), metadata)
+
+    def forget_model(self, model_name: str) -> None:
+        self._call("forget_model", model_name)
 
     def lookup(self, agent_name: str) -> tuple[PoolLayout, bytes] | None:
         response = self._call("lookup", agent_name)
@@ -83,7 +122,7 @@ class DirectoryClient:
         if layout:
             inputs += [_uint8_tensor("layout", layout), _uint8_tensor("metadata", metadata)]
         response = pb_utils.InferenceRequest(
-            model_name=DIRECTORY_MODEL, inputs=inputs, requested_output_names=["found", "layout", "metadata"]
+            model_name=DIRECTORY_MODEL, inputs=inputs, requested_output_names=list(OUTPUT_NAMES)
         ).exec()
         if response.has_error():
             raise RuntimeError(response.error().message())

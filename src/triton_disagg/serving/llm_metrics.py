@@ -47,6 +47,7 @@ _COUNTERS = {
     "triton_disagg_ttft_seconds_count": "Requests that reached their first token",
     "triton_disagg_itl_seconds_sum": "Sum of the gaps between responses after the first token, seconds",
     "triton_disagg_itl_seconds_count": "Tokens in the responses after the first token",
+    "triton_disagg_llm_migrations_total": "Times a request moved to another decode worker after its worker failed",
 }
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class _Totals:
     error: int = 0
     cancelled: int = 0
     output_tokens: int = 0
+    migrations: int = 0
 
     def add(self, other: _Totals) -> None:
         for field in fields(_Totals):
@@ -102,6 +104,7 @@ class _TritonCounters:
             "ttft_count": self._families["triton_disagg_ttft_seconds_count"].Metric(labels=labels),
             "itl_sum_s": self._families["triton_disagg_itl_seconds_sum"].Metric(labels=labels),
             "itl_count": self._families["triton_disagg_itl_seconds_count"].Metric(labels=labels),
+            "migrations": self._families["triton_disagg_llm_migrations_total"].Metric(labels=labels),
         } | {outcome: by_outcome.Metric(labels=labels | {"outcome": outcome}) for outcome in OUTCOMES}
 
     def increment(self, field: str, value: float) -> None:
@@ -143,6 +146,11 @@ class LLMMetrics:
         with self._lock:
             setattr(self._pending, outcome, getattr(self._pending, outcome) + 1)
             self._pending.output_tokens += num_output_tokens
+
+    def migrated(self) -> None:
+        """Count a request that moved to another decode worker."""
+        with self._lock:
+            self._pending.migrations += 1
 
     def close(self) -> None:
         """Stop the publisher and publish what is left; raises what the sink raised."""

@@ -154,6 +154,12 @@ def check_context_window(num_prompt_tokens: int, max_tokens: int, max_model_len:
         )
 
 
+def check_max_tokens_limit(max_tokens: int, max_tokens_limit: int | None) -> None:
+    """Raise InvalidRequest when `max_tokens` is over the server's configured limit (None: no limit)."""
+    if max_tokens_limit is not None and max_tokens > max_tokens_limit:
+        raise InvalidRequest(f"max_tokens ({max_tokens}) is above this server's limit of {max_tokens_limit}; ask for fewer")
+
+
 def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort | ExpertLoadRequest:
     """Parse a `worker` request: a generate request, an abort when `abort_request_id` is set,
     or an expert-load dump when `dump_expert_load` is true."""

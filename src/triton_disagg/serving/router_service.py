@@ -5,9 +5,17 @@ events (ZeroMQ), the load it routed, and the live worker set from Triton's
 repository index (workers that load or unload join or leave; the state of
 the others survives). `llm` asks it three things per request: where to go
 (`route`), that the first token arrived (`first_token`), and that it ended
-(`complete`). The planner's connector removes a worker with `drain` (no new
-requests), `inflight` (requests routed to it that have not completed) and,
-when the removal is called off, `undrain`.
+(`complete`), and, when a worker failed under a request, `worker_failed`.
+The planner's connector removes a worker with `drain` (no new requests),
+`inflight` (requests routed to it that have not completed) and, when the
+removal is called off, `undrain`. `status` answers how many decode workers
+are routable now (the frontend's readiness).
+
+A worker is routable when it is live (READY in the index), not draining,
+and healthy (see `router.health`: not reported failed, not silent on its
+KV event stream). With none routable, `route` answers `unavailable_reason`
+instead of a worker: a server-side condition, which `llm` waits out for a
+bounded time before it answers the client UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import numpy as np
 import requests
 import triton_python_backend_utils as pb_utils
 
-from triton_disagg.engine.params import InvalidRequest
+from triton_disagg.errors import InvalidRequest, ServiceUnavailable
 from triton_disagg.serving.live_workers import (
     RepositoryWatcher,
     kv_event_endpoints,
@@ -32,14 +40,18 @@ from triton_disagg.serving.protocol import parse_routing_mode
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
 from triton_disagg.router.config import RouterConfig, RoutingMode
 from triton_disagg.router.events import WorkerId
+from triton_disagg.router.health import WorkerHealth
 from triton_disagg.router.hashing import hash_request_tokens
 from triton_disagg.router.selection import KvRouter, NoWorkerAvailable, RouteRequest
-from triton_disagg.router.subscriber import KVEventSubscriber
+from triton_disagg.router.subscriber import KVEventSubscriber, StreamStatus
 
 logger = logging.getLogger(__name__)
 
 ROUTER_MODEL = "router"
 ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode", "worker_name")
+ROUTE_OUTPUT_NAMES = (
+    "decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks", "unavailable_reason", "unavailable_detail"
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,20 +83,28 @@ class RouterService:
         self._prefill: list[WorkerId] = []
         self._decode: list[WorkerId] = []
         self._draining: set[WorkerId] = set()  # live, but sent no new requests (about to be unloaded)
+        self.health = WorkerHealth()
         self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
         self._watcher.start()
 
     def route(self, request_id: str, prompt_token_ids: list[int], mode: RoutingMode | None) -> Route:
-        """Choose workers and count the request on them. Raises LookupError when no decode worker can take it."""
+        """Choose workers and count the request on them.
+
+        Raises ServiceUnavailable when no decode worker can take it: none live ("no_workers"), all
+        draining ("all_workers_draining"), all failed or silent ("all_workers_unhealthy"), or all
+        over a busy threshold ("all_workers_busy").
+        """
         if not self._decode:
-            self._watcher.refresh()  # a worker loaded since the last poll is found at once
+            self._refresh_quietly()  # a worker loaded since the last poll is found at once
         request = RouteRequest(
             request_id, tuple(hash_request_tokens(prompt_token_ids, self.config.block_size)), len(prompt_token_ids), mode
         )
         now = time.monotonic()
         with self._lock:
-            prefill = [w for w in self._prefill if w not in self._draining]
-            decode = [w for w in self._decode if w not in self._draining]
+            prefill = self._routable(self._prefill)
+            decode = self._routable(self._decode)
+            if not decode:
+                raise self._why_no_decode_worker()
             prefill_choice = None
             if prefill:
                 try:
@@ -94,7 +114,7 @@ class RouterService:
             try:
                 decode_choice = self.router.select(request, now, decode)
             except NoWorkerAvailable as exc:
-                raise LookupError(f"no decode worker can take the request: {exc}") from None
+                raise ServiceUnavailable(exc.reason, f"no decode worker can take the request: {exc}") from None
             self.router.record(request, prefill_choice or decode_choice, decode_choice, now)
             return Route(
                 decode_worker=decode_choice.worker_id,
@@ -102,6 +122,49 @@ class RouterService:
                 prefill_pool_saturated=bool(prefill) and prefill_choice is None,
                 overlap_blocks=decode_choice.overlap_blocks,
             )
+
+    def worker_failed(self, worker_name: str) -> None:
+        """A request saw `worker_name` fail (its stub died, or it went away mid-stream): route around it
+        until it is reloaded (see `router.health`). Unknown workers are ignored: they route nowhere."""
+        worker_id = WorkerId(worker_name)
+        with self._lock:
+            if worker_id in self._prefill or worker_id in self._decode:
+                self.health.mark_failed(worker_id, self._stream_status(worker_id))
+                logger.warning("worker %s failed under a request; routing around it until it is reloaded", worker_name)
+
+    def num_routable_decode_workers(self) -> int:
+        """Decode workers a request sent now could be routed to."""
+        if not self._decode:
+            self._refresh_quietly()
+        with self._lock:
+            return len(self._routable(self._decode))
+
+    def _routable(self, worker_ids: list[WorkerId]) -> list[WorkerId]:
+        """Live workers that are neither draining nor unhealthy. Call with the lock held."""
+        return self.health.routable((w for w in worker_ids if w not in self._draining), self._stream_status)
+
+    def _stream_status(self, worker_id: WorkerId) -> StreamStatus | None:
+        if self._subscriber is None:
+            return None
+        try:
+            return self._subscriber.streams.status(worker_id)
+        except KeyError:  # not followed yet (added on the subscriber's thread within a poll interval)
+            return None
+
+    def _why_no_decode_worker(self) -> ServiceUnavailable:
+        if not self._decode:
+            return ServiceUnavailable("no_workers", "no decode worker is loaded yet; retry once one is")
+        if all(w in self._draining for w in self._decode):
+            return ServiceUnavailable("all_workers_draining", f"all {len(self._decode)} decode workers are being unloaded")
+        return ServiceUnavailable(
+            "all_workers_unhealthy", f"none of the {len(self._decode)} decode workers is answering; retry once one is reloaded"
+        )
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self._watcher.refresh()
+        except Exception as exc:  # noqa: BLE001 - the last view stands; the caller decides with it
+            logger.debug("repository index refresh failed: %s", exc)
 
     def drain(self, worker_name: str) -> None:
         """Send `worker_name` no new requests; it leaves the set when it is unloaded.
@@ -143,12 +206,15 @@ class RouterService:
         try:
             inputs = read_inputs(request, ROUTER_INPUT_NAMES)
             action = bytes(inputs["action"].reshape(-1)[0]).decode()
-            if action in ("drain", "undrain", "inflight"):
+            if action == "status":
+                num_routable = np.array([self.num_routable_decode_workers()], dtype=np.int32)
+                return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("num_routable_decode", num_routable)])
+            if action in ("drain", "undrain", "inflight", "worker_failed"):
                 if inputs["worker_name"] is None:
                     raise InvalidRequest(f"action {action} needs worker_name")
                 worker_name = bytes(inputs["worker_name"].reshape(-1)[0]).decode()
-                if action == "undrain":
-                    self.undrain(worker_name)
+                if action in ("undrain", "worker_failed"):
+                    (self.undrain if action == "undrain" else self.worker_failed)(worker_name)
                     return pb_utils.InferenceResponse(output_tensors=[])
                 if action == "drain":
                     self.drain(worker_name)
@@ -165,17 +231,27 @@ class RouterService:
                 return pb_utils.InferenceResponse(output_tensors=[])
             if action != "route":
                 raise InvalidRequest(
-                    f"action must be route, first_token, complete, drain, undrain or inflight, got {action!r}"
+                    "action must be route, first_token, complete, drain, undrain, inflight, worker_failed or "
+                    f"status, got {action!r}"
                 )
             mode = inputs["routing_mode"]
             mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
-            route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)
+            if inputs["input_ids"] is None or inputs["input_ids"].size == 0:
+                raise InvalidRequest("action route needs input_ids with at least one token id")
+            try:
+                route = self.route(request_id, inputs["input_ids"].reshape(-1).tolist(), mode)
+            except ServiceUnavailable as exc:
+                route, unavailable = Route("", None, False, 0), exc
+            else:
+                unavailable = None
             return pb_utils.InferenceResponse(
                 output_tensors=[
                     bytes_tensor("decode_worker", route.decode_worker),
                     bytes_tensor("prefill_worker", route.prefill_worker or ""),
                     pb_utils.Tensor("prefill_pool_saturated", np.array([route.prefill_pool_saturated], dtype=np.bool_)),
                     pb_utils.Tensor("overlap_blocks", np.array([route.overlap_blocks], dtype=np.int32)),
+                    bytes_tensor("unavailable_reason", "" if unavailable is None else unavailable.reason),
+                    bytes_tensor("unavailable_detail", "" if unavailable is None else unavailable.detail),
                 ]
             )
         except Exception as exc:  # noqa: BLE001 - the caller gets the error; the router keeps serving
@@ -197,6 +273,8 @@ class RouterService:
                 logger.warning("could not read worker loads from %s: %s", self._metrics_url, exc)
         with self._lock:
             added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
+            for worker_id in removed:
+                self.health.forget(worker_id)
             self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
             self._draining &= set(self._prefill) | set(self._decode)  # an unloaded worker comes back undrained
             for worker_id in self.router.worker_ids:
@@ -213,6 +291,7 @@ class RouterClient:
     """`llm`'s side: calls the `router` model through BLS."""
 
     def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
+        """The router's choice. Raises ServiceUnavailable (with the router's reason) when none can take it."""
         inputs = [
             bytes_tensor("action", "route"),
             bytes_tensor("request_id", request_id),
@@ -220,9 +299,10 @@ class RouterClient:
         ]
         if routing_mode:
             inputs.append(bytes_tensor("routing_mode", routing_mode))
-        response = self._call(inputs, ["decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks"])
-        output = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0] for name in
-                  ("decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks")}
+        response = self._call(inputs, list(ROUTE_OUTPUT_NAMES))
+        output = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0] for name in ROUTE_OUTPUT_NAMES}
+        if output["unavailable_reason"]:
+            raise ServiceUnavailable(output["unavailable_reason"].decode(), output["unavailable_detail"].decode())
         return Route(
             decode_worker=output["decode_worker"].decode(),
             prefill_worker=output["prefill_worker"].decode() or None,
@@ -236,6 +316,9 @@ class RouterClient:
     def complete(self, request_id: str) -> None:
         self._call([bytes_tensor("action", "complete"), bytes_tensor("request_id", request_id)], [])
 
+    def worker_failed(self, worker_name: str) -> None:
+        self._call([bytes_tensor("action", "worker_failed"), bytes_tensor("worker_name", worker_name)], [])
+
     @staticmethod
     def _call(inputs, output_names):
         response = pb_utils.InferenceRequest(model_name=ROUTER_MODEL, inputs=inputs, requested_output_names=output_names).exec()
@@ -243,7 +326,5 @@ class RouterClient:
             error = response.error()
             if error.code() == pb_utils.TritonError.INVALID_ARG:
                 raise InvalidRequest(error.message())
-            if error.code() == pb_utils.TritonError.UNAVAILABLE:
-                raise LookupError(error.message())
             raise RuntimeError(f"router: {error.message()}")
         return response

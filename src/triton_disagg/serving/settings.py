@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from triton_disagg.engine.config import EngineConfig
 
+#: How long a request waits for a routable decode worker, unless the `route_wait_s` parameter says otherwise.
+DEFAULT_ROUTE_WAIT_S = 10.0
+#: Times a request may move to another decode worker, unless the `migration_limit` parameter says otherwise.
+DEFAULT_MIGRATION_LIMIT = 3
+
 #: The checkpoint served when a model's `model_path` parameter is empty.
 DEFAULT_MODEL_PATH = Path.home() / ".cache" / "triton-disagg" / "models" / "tiny-llama"
 
@@ -23,6 +28,12 @@ class LLMSettings:
     model_path: Path
     #: Longest prompt + output, in tokens.
     max_model_len: int
+    #: How long a request waits for a routable decode worker before it is answered UNAVAILABLE.
+    route_wait_s: float = DEFAULT_ROUTE_WAIT_S
+    #: Times a request may move to another decode worker when its worker fails (0: never).
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
+    #: Largest max_tokens a request may ask for (None: only the context window limits it).
+    max_tokens_limit: int | None = None
 
     @property
     def tokenizer_path(self) -> Path:
@@ -53,7 +64,15 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
     max_model_len = _optional_int(parameters, "max_model_len")
     if max_model_len is None:
         max_model_len = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 2048)
-    return LLMSettings(model_path=model_path, max_model_len=max_model_len)
+    route_wait_s = _optional_float(parameters, "route_wait_s", minimum=0.0)
+    migration_limit = _optional_int(parameters, "migration_limit", minimum=0)
+    return LLMSettings(
+        model_path=model_path,
+        max_model_len=max_model_len,
+        route_wait_s=DEFAULT_ROUTE_WAIT_S if route_wait_s is None else route_wait_s,
+        migration_limit=DEFAULT_MIGRATION_LIMIT if migration_limit is None else migration_limit,
+        max_tokens_limit=_optional_int(parameters, "max_tokens_limit"),
+    )
 
 
 def engine_config(parameters: Mapping[str, str]) -> "EngineConfig":
@@ -97,7 +116,8 @@ def min_remote_prefill_tokens(parameters: Mapping[str, str], default: int = 512)
     return default if value is None else value
 
 
-def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
+def _optional_float(parameters: Mapping[str, str], name: str, minimum: float | None = None) -> float | None:
+    """The parameter as a number: > 0, or >= `minimum` when given. None when empty."""
     raw = parameters.get(name, "").strip()
     if not raw:
         return None
@@ -105,12 +125,14 @@ def _optional_float(parameters: Mapping[str, str], name: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise ValueError(f"parameter {name} must be a number, got {raw!r}") from None
-    if not value > 0:
+    if minimum is None and not value > 0:
         raise ValueError(f"parameter {name} must be > 0, got {value}")
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"parameter {name} must be >= {minimum:g}, got {value}")
     return value
 
 
-def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
+def _optional_int(parameters: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
     raw = parameters.get(name, "").strip()
     if not raw:
         return None
@@ -118,8 +140,8 @@ def _optional_int(parameters: Mapping[str, str], name: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise ValueError(f"parameter {name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"parameter {name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"parameter {name} must be >= {minimum}, got {value}")
     return value
 
 

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_disagg.engine.params import InvalidRequest, SamplingParams
+from triton_disagg.engine.params import SamplingParams
+from triton_disagg.errors import InvalidRequest, ServiceUnavailable
 
 
 def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
@@ -50,13 +51,14 @@ def prompt_tensors(prompt_token_ids: list[int], params: SamplingParams, with_max
 
 
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":
-    """A response carrying `error`: INVALID_ARG for a bad request, UNAVAILABLE with no worker, else INTERNAL."""
+    """A response carrying `error`: INVALID_ARG for a bad request, UNAVAILABLE for a server-side
+    condition (ServiceUnavailable: its message starts "unavailable (reason)"), else INTERNAL."""
     if isinstance(error, pb_utils.TritonError):
         return pb_utils.InferenceResponse(error=error)
     if isinstance(error, InvalidRequest):
         code, message = pb_utils.TritonError.INVALID_ARG, str(error)
-    elif isinstance(error, LookupError):  # no live worker to serve it
-        code, message = pb_utils.TritonError.UNAVAILABLE, str(error).strip("'\"")
+    elif isinstance(error, ServiceUnavailable):
+        code, message = pb_utils.TritonError.UNAVAILABLE, str(error)
     else:
         code, message = pb_utils.TritonError.INTERNAL, f"{type(error).__name__}: {error}"
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

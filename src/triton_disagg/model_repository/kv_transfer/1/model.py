@@ -1,11 +1,25 @@
 """Triton model `kv_transfer`: the KV directory; see src/triton_disagg/serving/kv_directory.py."""
 
+import json
+import os
+
 from triton_disagg.serving.kv_directory import DirectoryService
+from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV, model_control_headers
+from triton_disagg.serving.settings import model_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self._service = DirectoryService()
+        parameters = model_parameters(json.loads(args["model_config"]))
+        host = parameters.get("server_host") or "localhost"
+        self._service = DirectoryService(
+            http_url=f"http://{host}:{parameters.get('http_port') or 8000}",
+            # Inherited from the server's environment (see src/triton_disagg/launch/server.py), never a parameter.
+            repository_headers=model_control_headers(os.environ.get(MODEL_CONTROL_KEY_ENV)),
+        )
 
     def execute(self, requests):
         return [self._service.execute(request) for request in requests]
+
+    def finalize(self):
+        self._service.shutdown()

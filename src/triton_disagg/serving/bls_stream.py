@@ -1,0 +1,63 @@
+"""Reading a worker's decoupled BLS stream without hanging on a dead worker.
+
+Triton 2.51 does not fail the requests in flight on a Python model whose stub
+process died: their response iterators just never yield again. So a stream
+is read on a thread of its own, and its reader waits on a queue: when no
+response came for `probe_after_s`, it asks `probe()` whether the worker still
+answers, and gives up on the stream (WorkerLost) when it does not. The
+abandoned thread stays blocked on the dead stream; it holds only that
+stream. That thread also makes, reads and drops every Triton object of the
+stream (`convert` turns each response into plain data): Triton's Python
+objects never cross threads here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from triton_disagg.serving.migration import WorkerLost
+
+T = TypeVar("T")
+
+_END = object()
+
+
+def watched_stream(
+    worker_name: str,
+    start: Callable[[], Iterable],
+    convert: Callable[[object], T],
+    probe: Callable[[], str | None],
+    probe_after_s: float,
+) -> Iterator[T]:
+    """`convert(response)` for each response of the stream `start()` opens, in order.
+
+    `probe()` answers None while the worker is alive, else why not ("dead", "gone"). Raises
+    WorkerLost after a silence of `probe_after_s` and a failed probe; re-raises what `start`,
+    the iteration or `convert` raised.
+    """
+    received: queue.SimpleQueue = queue.SimpleQueue()
+
+    def pump() -> None:
+        try:
+            for response in start():
+                received.put(convert(response))
+            received.put(_END)
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which decides
+            received.put(exc)
+
+    threading.Thread(target=pump, name=f"bls-stream-{worker_name}", daemon=True).start()
+    while True:
+        try:
+            item = received.get(timeout=probe_after_s)
+        except queue.Empty:
+            if (reason := probe()) is not None:
+                raise WorkerLost(worker_name, reason, f"no response for {probe_after_s:g} s and its probe failed") from None
+            continue
+        if item is _END:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item

@@ -1,0 +1,129 @@
+"""`llm`'s side of the decode workers, through BLS: start a generation and read it, abort, probe.
+
+Every call here is a Triton call; the decisions about what a failure means
+live in `serving.migration` (pure). A generation's stream is read on a
+watched thread (`serving.bls_stream`), so a dead worker surfaces as
+WorkerLost instead of a stream that never ends. A relay that reaches decode
+workers on other servers would replace this class, not the relay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_disagg.engine.params import SamplingParams
+from triton_disagg.serving.bls_stream import watched_stream
+from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
+from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
+from triton_disagg.serving.router_service import Route
+from triton_disagg.serving.triton_io import bytes_tensor, prompt_tensors, read_output
+
+#: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
+WORKER_PROBE_AFTER_S = 2.0
+#: The request id of a liveness probe: an abort of a request no worker has.
+PROBE_REQUEST_ID = "liveness-probe"
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class WorkerUpdate:
+    """One decode worker response, read out of its Triton object on the thread that received it."""
+
+    new_token_ids: list[int]
+    finish_reason: str | None
+    #: The worker's error, if it answered with one: its message and TritonError code.
+    error_message: str | None = None
+    error_code: int | None = None
+
+    @classmethod
+    def of(cls, response) -> "WorkerUpdate":
+        if response.has_error():
+            error = response.error()
+            return cls([], None, error.message(), int(error.code()))
+        token_ids = read_output(response, "output_ids")
+        finish_reason = read_output(response, "finish_reason")
+        return cls(
+            new_token_ids=[] if token_ids is None else token_ids.tolist(),
+            finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
+        )
+
+
+class WorkerStreamError(RuntimeError):
+    """The worker answered a request with an error; carries the worker's TritonError."""
+
+    def __init__(self, error: "pb_utils.TritonError") -> None:
+        super().__init__(error.message())
+        self.error = error
+
+
+class DecodeClient:
+    """Calls to decode workers from the `llm` model. Stateless; usable from any thread."""
+
+    def _stream(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
+        inputs = prompt_tensors(prompt_token_ids, params)
+        if choice.prefill_worker is not None:
+            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
+        if choice.prefill_pool_saturated:
+            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
+        request = pb_utils.InferenceRequest(
+            model_name=choice.decode_worker,
+            inputs=inputs,
+            requested_output_names=list(WORKER_OUTPUT_NAMES),
+            request_id=request_id,
+        )
+        return request.exec(decoupled=True)
+
+    def updates(
+        self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Iterator["WorkerUpdate"]:
+        """The decode worker's responses to a new request, in order, as plain data.
+
+        Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
+        failed probe: see `serving.bls_stream`), WorkerStreamError for its own verdict on the request.
+        """
+        worker = choice.decode_worker
+        updates = watched_stream(
+            worker,
+            lambda: self._stream(choice, request_id, prompt_token_ids, params),
+            WorkerUpdate.of,
+            lambda: self.probe(worker),
+            WORKER_PROBE_AFTER_S,
+        )
+        try:
+            for update in updates:
+                if update.error_message is not None:
+                    if (reason := lost_worker_reason(update.error_message)) is not None:
+                        raise WorkerLost(worker, reason, update.error_message)
+                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, update.error_code))
+                yield update
+        except (WorkerLost, WorkerStreamError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call: lost, or passed on as it is
+            if (reason := lost_worker_reason(str(exc))) is not None:
+                raise WorkerLost(worker, reason, str(exc)) from None
+            raise
+
+    def probe(self, decode_worker: str) -> str | None:
+        """None when the decode worker answers; else why not ("dead" or "gone")."""
+        try:
+            self.abort(decode_worker, PROBE_REQUEST_ID)
+        except WorkerStreamError as exc:
+            return lost_worker_reason(exc.error.message())
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
+            return lost_worker_reason(str(exc)) or "gone"
+        return None
+
+    def abort(self, decode_worker: str, request_id: str) -> None:
+        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
+        request = pb_utils.InferenceRequest(
+            model_name=decode_worker,
+            inputs=[bytes_tensor("abort_request_id", request_id)],
+            requested_output_names=[],
+        )
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                raise WorkerStreamError(response.error())
