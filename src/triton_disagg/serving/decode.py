@@ -31,13 +31,13 @@ from triton_disagg.serving.protocol import (
     WorkerAbort,
     parse_decode_request,
 )
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
     int32_tensor,
-    prompt_tensors,
+    prompt_arrays,
     read_inputs,
-    read_output,
 )
 from triton_disagg.serving.worker import FINAL, EngineService, ResponseStream
 from triton_disagg.router.hashing import hash_request_tokens
@@ -152,16 +152,13 @@ class DecodeService(EngineService):
         """The prefill worker's first token and KV handle. Raises when it fails, dies or is gone."""
         worker = parsed.prefill_worker
 
-        def start():  # on the stream's own thread, like every Triton object of the stream
-            request = pb_utils.InferenceRequest(
-                model_name=worker,
-                inputs=prompt_tensors(parsed.prompt_token_ids, parsed.params, with_max_tokens=False),
-                requested_output_names=["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"],
-                request_id=uuid.uuid4().hex,
-            )
-            return request.exec(decoupled=True)
+        def start():
+            inputs = prompt_arrays(parsed.prompt_token_ids, parsed.params, with_max_tokens=False)
+            outputs = ["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"]
+            return self.calls.stream(worker, inputs, outputs, uuid.uuid4().hex)
 
-        results = watched_stream(worker, start, _prefill_result_of, lambda: _probe_prefill(worker), PREFILL_PROBE_AFTER_S)
+        probe = lambda: _probe_prefill(self.calls, worker)  # noqa: E731
+        results = watched_stream(worker, start, _prefill_result_of, probe, PREFILL_PROBE_AFTER_S)
         result = None
         for item in results:
             if isinstance(item, str):
@@ -217,49 +214,40 @@ class DecodeService(EngineService):
             raise InvalidRequest("max_tokens must be >= 2 with a kv_handle: the first token is already sampled")
         return RemoteKV(handle, parsed.first_token_id)
 
-    @staticmethod
-    def _hold_is_live(model_name: str, hold_id: str) -> bool:
-        request = pb_utils.InferenceRequest(
-            model_name=model_name,
-            inputs=[pb_utils.Tensor("check_hold_id", np.array([hold_id.encode()], dtype=np.object_))],
-            requested_output_names=["hold_found"],
-        )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
+    def _hold_is_live(self, model_name: str, hold_id: str) -> bool:
+        inputs = {"check_hold_id": np.array([hold_id.encode()], dtype=np.object_)}
+        for response in self.calls.stream(model_name, inputs, ["hold_found"]):
+            if response.has_error:
                 return False
-            found = read_output(response, "hold_found")
+            found = response.output("hold_found")
             if found is not None:
                 return bool(found.reshape(-1)[0])
         return False
 
 
-def _prefill_result_of(response) -> "_PrefillResult | str | None":
+def _prefill_result_of(response: ModelResponse) -> "_PrefillResult | str | None":
     """A prefill worker's response as plain data: its result, its error message, or None (no token)."""
-    if response.has_error():
-        return response.error().message()
-    token_ids = read_output(response, "output_ids")
+    if response.has_error:
+        return response.error_message
+    token_ids = response.output("output_ids")
     if token_ids is None or not token_ids.size:
         return None
-    reason = read_output(response, "finish_reason")
+    reason = response.output("finish_reason")
     return _PrefillResult(
         first_token_id=int(token_ids.reshape(-1)[0]),
         finish_reason=None if reason is None else reason.reshape(-1)[0].decode(),
-        kv_handle=read_output(response, "kv_handle").tobytes(),
-        num_cached_tokens=int(read_output(response, "num_cached_tokens").reshape(-1)[0]),
+        kv_handle=response.output("kv_handle").tobytes(),
+        num_cached_tokens=int(response.output("num_cached_tokens").reshape(-1)[0]),
     )
 
 
-def _probe_prefill(worker: str) -> str | None:
+def _probe_prefill(calls: ModelCalls, worker: str) -> str | None:
     """None while the prefill worker answers a hold check; else why not ("dead" or "gone")."""
-    request = pb_utils.InferenceRequest(
-        model_name=worker,
-        inputs=[pb_utils.Tensor("check_hold_id", np.array([b"liveness-probe"], dtype=np.object_))],
-        requested_output_names=["hold_found"],
-    )
+    inputs = {"check_hold_id": np.array([b"liveness-probe"], dtype=np.object_)}
     try:
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                return lost_worker_reason(response.error().message()) or "gone"
+        for response in calls.stream(worker, inputs, ["hold_found"]):
+            if response.has_error:
+                return lost_worker_reason(response.error_message) or "gone"
     except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
         return lost_worker_reason(str(exc)) or "gone"
     return None

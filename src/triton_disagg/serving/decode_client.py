@@ -1,10 +1,9 @@
-"""`llm`'s side of the decode workers, through BLS: start a generation and read it, abort, probe.
+"""`llm`'s side of the decode workers: start a generation and read it, abort, probe.
 
-Every call here is a Triton call; the decisions about what a failure means
-live in `serving.migration` (pure). A generation's stream is read on a
-watched thread (`serving.bls_stream`), so a dead worker surfaces as
-WorkerLost instead of a stream that never ends. A relay that reaches decode
-workers on other servers would replace this class, not the relay.
+Every call here is a Triton call (through `serving.model_calls`); the
+decisions about what a failure means live in `serving.migration` (pure). A
+generation's stream is read on a watched thread (`serving.bls_stream`), so a
+dead worker surfaces as WorkerLost instead of a stream that never ends.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
 from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
 from triton_disagg.serving.router_service import Route
-from triton_disagg.serving.triton_io import bytes_tensor, prompt_tensors, read_output
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
+from triton_disagg.serving.triton_io import prompt_arrays, triton_error
 
 #: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
 WORKER_PROBE_AFTER_S = 2.0
@@ -30,21 +30,20 @@ PROBE_REQUEST_ID = "liveness-probe"
 
 @dataclasses.dataclass(slots=True, frozen=True)
 class WorkerUpdate:
-    """One decode worker response, read out of its Triton object on the thread that received it."""
+    """One decode worker response, as plain data."""
 
     new_token_ids: list[int]
     finish_reason: str | None
     #: The worker's error, if it answered with one: its message and TritonError code.
     error_message: str | None = None
-    error_code: int | None = None
+    error_code: str | None = None
 
     @classmethod
-    def of(cls, response) -> "WorkerUpdate":
-        if response.has_error():
-            error = response.error()
-            return cls([], None, error.message(), int(error.code()))
-        token_ids = read_output(response, "output_ids")
-        finish_reason = read_output(response, "finish_reason")
+    def of(cls, response: ModelResponse) -> "WorkerUpdate":
+        if response.has_error:
+            return cls([], None, response.error_message, response.error_code)
+        token_ids = response.output("output_ids")
+        finish_reason = response.output("finish_reason")
         return cls(
             new_token_ids=[] if token_ids is None else token_ids.tolist(),
             finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
@@ -62,20 +61,17 @@ class WorkerStreamError(RuntimeError):
 class DecodeClient:
     """Calls to decode workers from the `llm` model. Stateless; usable from any thread."""
 
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
+
     def _stream(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
-        inputs = prompt_tensors(prompt_token_ids, params)
+        inputs = prompt_arrays(prompt_token_ids, params)
         if choice.prefill_worker is not None:
-            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
+            inputs["prefill_worker"] = np.array([choice.prefill_worker.encode()], dtype=np.object_)
         if choice.prefill_pool_saturated:
-            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
-        request = pb_utils.InferenceRequest(
-            model_name=choice.decode_worker,
-            inputs=inputs,
-            requested_output_names=list(WORKER_OUTPUT_NAMES),
-            request_id=request_id,
-        )
-        return request.exec(decoupled=True)
+            inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
+        return self._calls.stream(choice.decode_worker, inputs, WORKER_OUTPUT_NAMES, request_id)
 
     def updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -98,7 +94,7 @@ class DecodeClient:
                 if update.error_message is not None:
                     if (reason := lost_worker_reason(update.error_message)) is not None:
                         raise WorkerLost(worker, reason, update.error_message)
-                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, update.error_code))
+                    raise WorkerStreamError(triton_error(update.error_message, update.error_code))
                 yield update
         except (WorkerLost, WorkerStreamError):
             raise
@@ -119,11 +115,7 @@ class DecodeClient:
 
     def abort(self, decode_worker: str, request_id: str) -> None:
         """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
-        request = pb_utils.InferenceRequest(
-            model_name=decode_worker,
-            inputs=[bytes_tensor("abort_request_id", request_id)],
-            requested_output_names=[],
-        )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise WorkerStreamError(response.error())
+        inputs = {"abort_request_id": np.array([request_id.encode()], dtype=np.object_)}
+        for response in self._calls.stream(decode_worker, inputs, []):
+            if response.has_error:
+                raise WorkerStreamError(triton_error(response.error_message, response.error_code))

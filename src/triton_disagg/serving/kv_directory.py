@@ -16,11 +16,11 @@ from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
 from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.serving.live_workers import RepositoryWatcher
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
     read_inputs,
-    read_output,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,10 @@ class DirectoryService:
 
 
 class DirectoryClient:
-    """Calls the `kv_transfer` model through BLS from a worker model."""
+    """Calls the `kv_transfer` model from a worker model or `llm`."""
+
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
 
     def register(self, layout: PoolLayout, metadata: bytes) -> None:
         self._call("register", layout.agent_name, layout.encode(), metadata)
@@ -112,18 +115,19 @@ class DirectoryClient:
 
     def lookup(self, agent_name: str) -> tuple[PoolLayout, bytes] | None:
         response = self._call("lookup", agent_name)
-        if not bool(read_output(response, "found").reshape(-1)[0]):
+        if not bool(response.output("found").reshape(-1)[0]):
             return None
-        return PoolLayout.decode(read_output(response, "layout").tobytes()), read_output(response, "metadata").tobytes()
+        return PoolLayout.decode(response.output("layout").tobytes()), response.output("metadata").tobytes()
 
-    @staticmethod
-    def _call(action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b""):
-        inputs = [bytes_tensor("action", action), bytes_tensor("agent_name", agent_name)]
+    def _call(self, action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b"") -> ModelResponse:
+        inputs = {"action": _text(action), "agent_name": _text(agent_name)}
         if layout:
-            inputs += [_uint8_tensor("layout", layout), _uint8_tensor("metadata", metadata)]
-        response = pb_utils.InferenceRequest(
-            model_name=DIRECTORY_MODEL, inputs=inputs, requested_output_names=list(OUTPUT_NAMES)
-        ).exec()
-        if response.has_error():
-            raise RuntimeError(response.error().message())
+            inputs |= {"layout": np.frombuffer(layout, dtype=np.uint8), "metadata": np.frombuffer(metadata, dtype=np.uint8)}
+        response = self._calls.call(DIRECTORY_MODEL, inputs, list(OUTPUT_NAMES))
+        if response.has_error:
+            raise RuntimeError(response.error_message)
         return response
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)

@@ -36,6 +36,7 @@ from triton_disagg.serving.live_workers import (
     split_workers,
     worker_loads,
 )
+from triton_disagg.serving.model_calls import ModelCalls
 from triton_disagg.serving.protocol import parse_routing_mode
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
 from triton_disagg.router.config import RouterConfig, RoutingMode
@@ -288,19 +289,18 @@ class RouterService:
 
 
 class RouterClient:
-    """`llm`'s side: calls the `router` model through BLS."""
+    """`llm`'s side: calls the `router` model."""
+
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
 
     def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
         """The router's choice. Raises ServiceUnavailable (with the router's reason) when none can take it."""
-        inputs = [
-            bytes_tensor("action", "route"),
-            bytes_tensor("request_id", request_id),
-            pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
-        ]
+        inputs = {"action": _text("route"), "request_id": _text(request_id), "input_ids": np.array(prompt_token_ids, dtype=np.int32)}
         if routing_mode:
-            inputs.append(bytes_tensor("routing_mode", routing_mode))
+            inputs["routing_mode"] = _text(routing_mode)
         response = self._call(inputs, list(ROUTE_OUTPUT_NAMES))
-        output = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0] for name in ROUTE_OUTPUT_NAMES}
+        output = {name: response.output(name).reshape(-1)[0] for name in ROUTE_OUTPUT_NAMES}
         if output["unavailable_reason"]:
             raise ServiceUnavailable(output["unavailable_reason"].decode(), output["unavailable_detail"].decode())
         return Route(
@@ -311,20 +311,22 @@ class RouterClient:
         )
 
     def first_token(self, request_id: str) -> None:
-        self._call([bytes_tensor("action", "first_token"), bytes_tensor("request_id", request_id)], [])
+        self._call({"action": _text("first_token"), "request_id": _text(request_id)}, [])
 
     def complete(self, request_id: str) -> None:
-        self._call([bytes_tensor("action", "complete"), bytes_tensor("request_id", request_id)], [])
+        self._call({"action": _text("complete"), "request_id": _text(request_id)}, [])
 
     def worker_failed(self, worker_name: str) -> None:
-        self._call([bytes_tensor("action", "worker_failed"), bytes_tensor("worker_name", worker_name)], [])
+        self._call({"action": _text("worker_failed"), "worker_name": _text(worker_name)}, [])
 
-    @staticmethod
-    def _call(inputs, output_names):
-        response = pb_utils.InferenceRequest(model_name=ROUTER_MODEL, inputs=inputs, requested_output_names=output_names).exec()
-        if response.has_error():
-            error = response.error()
-            if error.code() == pb_utils.TritonError.INVALID_ARG:
-                raise InvalidRequest(error.message())
-            raise RuntimeError(f"router: {error.message()}")
+    def _call(self, inputs, output_names):
+        response = self._calls.call(ROUTER_MODEL, inputs, output_names)
+        if response.has_error:
+            if response.error_code == "INVALID_ARG":
+                raise InvalidRequest(response.error_message)
+            raise RuntimeError(f"router: {response.error_message}")
         return response
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)

@@ -34,6 +34,9 @@ class LLMSettings:
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
     #: Largest max_tokens a request may ask for (None: only the context window limits it).
     max_tokens_limit: int | None = None
+    #: This server's gRPC endpoint ("host:port") that calls to the router and the workers go through;
+    #: empty: BLS.
+    grpc_url: str = ""
 
     @property
     def tokenizer_path(self) -> Path:
@@ -72,6 +75,7 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
         route_wait_s=DEFAULT_ROUTE_WAIT_S if route_wait_s is None else route_wait_s,
         migration_limit=DEFAULT_MIGRATION_LIMIT if migration_limit is None else migration_limit,
         max_tokens_limit=_optional_int(parameters, "max_tokens_limit"),
+        grpc_url=grpc_url(parameters),
     )
 
 
@@ -153,3 +157,11 @@ def _optional_count(parameters: Mapping[str, str], name: str) -> int | None:
     if not raw.isdigit():
         raise ValueError(f"parameter {name} must be an integer >= 0, got {raw!r}")
     return int(raw)
+
+
+def grpc_url(parameters: Mapping[str, str]) -> str:
+    """This server's gRPC endpoint ("host:port") from a model's `grpc_url` parameter; "" (BLS) when unset.
+
+    Calls between the models go through it (see `serving.model_calls` for why not BLS).
+    """
+    return parameters.get("grpc_url", "").strip()

@@ -15,6 +15,7 @@ from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import InvalidRequest, RequestOutput
 from triton_disagg.serving.kv_directory import DirectoryClient
+from triton_disagg.serving.model_calls import calls_to
 from triton_disagg.serving.live_workers import kv_event_endpoints
 from triton_disagg.serving.metrics import WorkerMetrics
 from triton_disagg.serving.moe_metrics import MoeMetrics
@@ -36,8 +37,11 @@ class EngineService:
     worker (new pool, new addresses) is a new peer, never a stale one.
     """
 
-    def __init__(self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True, grpc_url: str = ""
+    ) -> None:
         """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none.
+        `grpc_url`: this server's gRPC endpoint, for calls to other models (see `serving.model_calls`).
 
         A disk tier (`config.kv_disk_path`) gets a folder per worker under it, named for the model.
         """
@@ -54,7 +58,8 @@ class EngineService:
         self.metrics = WorkerMetrics(model_name, self.engine)
         self.tier_metrics = TierMetrics(model_name, self.engine)
         self.moe_metrics = MoeMetrics(model_name, self.engine.eplb) if self.engine.eplb is not None else None
-        self.directory = DirectoryClient()
+        self.calls = calls_to(grpc_url)
+        self.directory = DirectoryClient(self.calls)
         self.publisher = None
         if kv_events_dir:
             events_endpoint, dump_endpoint = kv_event_endpoints(kv_events_dir, model_name)
