@@ -2,8 +2,9 @@
 
 A request offers a prefill worker (`prefill_worker`); the decode worker
 decides (see `disagg.decide_prefill`) from its own prefix-cache hit and the
-prompt. For a remote prefill it calls the prefill worker through BLS,
-streams the first token at once, then pulls the KV over NIXL and decodes.
+prompt. For a remote prefill it calls the prefill worker (through BLS in its
+own server, over gRPC at `prefill_worker_url` in another), streams the first
+token at once, then pulls the KV over NIXL and decodes.
 If the prefill worker fails or is gone, the prompt is prefilled locally.
 With no prefill worker at all, a decode worker is an aggregated worker.
 """
@@ -15,7 +16,6 @@ import logging
 import threading
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.kv_connector import RemoteKV
@@ -24,20 +24,22 @@ from triton_disagg.kv_transfer.handle import InvalidKVHandle, KVHandle
 from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.disagg import decide_prefill
 from triton_disagg.serving.migration import lost_worker_reason
+from triton_disagg.serving.model_calls import ModelResponse, calls_to
 from triton_disagg.serving.protocol import (
     DECODE_INPUT_NAMES,
     DecodeGenerate,
     ExpertLoadRequest,
     WorkerAbort,
+    WorkerDescribe,
     parse_decode_request,
+    prompt_arrays,
+    text_array,
 )
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
     int32_tensor,
-    prompt_tensors,
     read_inputs,
-    read_output,
 )
 from triton_disagg.serving.worker import FINAL, EngineService, ResponseStream
 from triton_disagg.router.hashing import hash_request_tokens
@@ -77,6 +79,9 @@ class DecodeService(EngineService):
                 return
             if isinstance(parsed, ExpertLoadRequest):
                 self.send_expert_load(sender)
+                return
+            if isinstance(parsed, WorkerDescribe):
+                self.send_info(sender)
                 return
             request_id = request.request_id() or uuid.uuid4().hex
             stream = ResponseStream(self, sender, request_id)
@@ -150,23 +155,24 @@ class DecodeService(EngineService):
 
     def _call_prefill(self, parsed: DecodeGenerate) -> _PrefillResult:
         """The prefill worker's first token and KV handle. Raises when it fails, dies or is gone."""
-        worker = parsed.prefill_worker
+        worker, url = parsed.prefill_worker, parsed.prefill_worker_url
+        inputs = prompt_arrays(parsed.prompt_token_ids, parsed.params, with_max_tokens=False)
+        streams = []
 
         def start():  # on the stream's own thread, like every Triton object of the stream
-            request = pb_utils.InferenceRequest(
-                model_name=worker,
-                inputs=prompt_tensors(parsed.prompt_token_ids, parsed.params, with_max_tokens=False),
-                requested_output_names=["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"],
-                request_id=uuid.uuid4().hex,
-            )
-            return request.exec(decoupled=True)
+            streams.append(calls_to(url).stream(worker, inputs, _PREFILL_OUTPUT_NAMES, uuid.uuid4().hex))
+            return streams[-1]
 
-        results = watched_stream(worker, start, _prefill_result_of, lambda: _probe_prefill(worker), PREFILL_PROBE_AFTER_S)
+        results = watched_stream(worker, start, _prefill_result_of, lambda: _probe_prefill(worker, url), PREFILL_PROBE_AFTER_S)
         result = None
-        for item in results:
-            if isinstance(item, str):
-                raise RuntimeError(item)
-            result = item or result
+        try:
+            for item in results:
+                if isinstance(item, str):
+                    raise RuntimeError(item)
+                result = item or result
+        finally:
+            for stream in streams:
+                stream.cancel()
         if result is None:
             raise RuntimeError(f"{worker} returned no first token")
         return result
@@ -209,7 +215,7 @@ class DecodeService(EngineService):
         if entry is None:
             raise InvalidKVHandle(f"kv_handle names agent {handle.agent_name!r}, which is not in the KV directory")
         layout, metadata = entry
-        if not self._hold_is_live(layout.model_name, handle.hold_id):
+        if not self._hold_is_live(layout, handle.hold_id):
             raise InvalidKVHandle(f"kv_handle is stale: {layout.model_name} no longer holds {handle.hold_id!r}")
         if not self.engine.kv_connector.knows_peer(handle.agent_name):
             self.engine.kv_connector.add_peer_threadsafe(layout, metadata)
@@ -218,48 +224,44 @@ class DecodeService(EngineService):
         return RemoteKV(handle, parsed.first_token_id)
 
     @staticmethod
-    def _hold_is_live(model_name: str, hold_id: str) -> bool:
-        request = pb_utils.InferenceRequest(
-            model_name=model_name,
-            inputs=[pb_utils.Tensor("check_hold_id", np.array([hold_id.encode()], dtype=np.object_))],
-            requested_output_names=["hold_found"],
-        )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
+    def _hold_is_live(layout, hold_id: str) -> bool:
+        """Whether the prefill worker of `layout` (in its server) still holds `hold_id`."""
+        inputs = {"check_hold_id": text_array(hold_id)}
+        for response in calls_to(layout.server_url).stream(layout.model_name, inputs, ["hold_found"]):
+            if response.has_error:
                 return False
-            found = read_output(response, "hold_found")
+            found = response.output("hold_found")
             if found is not None:
                 return bool(found.reshape(-1)[0])
         return False
 
 
-def _prefill_result_of(response) -> "_PrefillResult | str | None":
+_PREFILL_OUTPUT_NAMES = ("output_ids", "finish_reason", "num_cached_tokens", "kv_handle")
+
+
+def _prefill_result_of(response: ModelResponse) -> "_PrefillResult | str | None":
     """A prefill worker's response as plain data: its result, its error message, or None (no token)."""
-    if response.has_error():
-        return response.error().message()
-    token_ids = read_output(response, "output_ids")
+    if response.has_error:
+        return response.error_message
+    token_ids = response.output("output_ids")
     if token_ids is None or not token_ids.size:
         return None
-    reason = read_output(response, "finish_reason")
+    reason = response.output("finish_reason")
     return _PrefillResult(
         first_token_id=int(token_ids.reshape(-1)[0]),
         finish_reason=None if reason is None else reason.reshape(-1)[0].decode(),
-        kv_handle=read_output(response, "kv_handle").tobytes(),
-        num_cached_tokens=int(read_output(response, "num_cached_tokens").reshape(-1)[0]),
+        kv_handle=response.output("kv_handle").tobytes(),
+        num_cached_tokens=int(response.output("num_cached_tokens").reshape(-1)[0]),
     )
 
 
-def _probe_prefill(worker: str) -> str | None:
-    """None while the prefill worker answers a hold check; else why not ("dead" or "gone")."""
-    request = pb_utils.InferenceRequest(
-        model_name=worker,
-        inputs=[pb_utils.Tensor("check_hold_id", np.array([b"liveness-probe"], dtype=np.object_))],
-        requested_output_names=["hold_found"],
-    )
+def _probe_prefill(worker: str, url: str) -> str | None:
+    """None while the prefill worker (on the server at gRPC `url`; "" this one) answers a hold check;
+    else why not ("dead" or "gone")."""
     try:
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                return lost_worker_reason(response.error().message()) or "gone"
-    except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
+        for response in calls_to(url).stream(worker, {"check_hold_id": text_array("liveness-probe")}, ["hold_found"]):
+            if response.has_error:
+                return lost_worker_reason(response.error_message) or "gone"
+    except Exception as exc:  # noqa: BLE001 - a failed call is an answer too
         return lost_worker_reason(str(exc)) or "gone"
     return None

@@ -1,10 +1,11 @@
-"""`llm`'s side of the decode workers, through BLS: start a generation and read it, abort, probe.
+"""`llm`'s side of the decode workers: start a generation and read it, abort, probe.
 
-Every call here is a Triton call; the decisions about what a failure means
-live in `serving.migration` (pure). A generation's stream is read on a
-watched thread (`serving.bls_stream`), so a dead worker surfaces as
-WorkerLost instead of a stream that never ends. A relay that reaches decode
-workers on other servers would replace this class, not the relay.
+A decode worker in `llm`'s own server is called through BLS, one on another
+server through Triton gRPC (`serving.model_calls`, chosen by the route's
+`decode_url`); everything else is the same. The decisions about what a
+failure means live in `serving.migration` (pure). A generation's stream is
+read on a watched thread (`serving.bls_stream`), so a dead worker surfaces as
+WorkerLost instead of a stream that never ends.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import triton_python_backend_utils as pb_utils
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
-from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to
+from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES, prompt_arrays, text_array
 from triton_disagg.serving.router_service import Route
-from triton_disagg.serving.triton_io import bytes_tensor, prompt_tensors, read_output
 
 #: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
 WORKER_PROBE_AFTER_S = 2.0
@@ -30,21 +31,20 @@ PROBE_REQUEST_ID = "liveness-probe"
 
 @dataclasses.dataclass(slots=True, frozen=True)
 class WorkerUpdate:
-    """One decode worker response, read out of its Triton object on the thread that received it."""
+    """One decode worker response, as plain data."""
 
     new_token_ids: list[int]
     finish_reason: str | None
-    #: The worker's error, if it answered with one: its message and TritonError code.
+    #: The worker's error, if it answered with one: its message and TritonError code (None: not known).
     error_message: str | None = None
     error_code: int | None = None
 
     @classmethod
-    def of(cls, response) -> "WorkerUpdate":
-        if response.has_error():
-            error = response.error()
-            return cls([], None, error.message(), int(error.code()))
-        token_ids = read_output(response, "output_ids")
-        finish_reason = read_output(response, "finish_reason")
+    def of(cls, response: ModelResponse) -> "WorkerUpdate":
+        if response.has_error:
+            return cls([], None, response.error_message, response.error_code)
+        token_ids = response.output("output_ids")
+        finish_reason = response.output("finish_reason")
         return cls(
             new_token_ids=[] if token_ids is None else token_ids.tolist(),
             finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
@@ -62,21 +62,6 @@ class WorkerStreamError(RuntimeError):
 class DecodeClient:
     """Calls to decode workers from the `llm` model. Stateless; usable from any thread."""
 
-    def _stream(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
-        inputs = prompt_tensors(prompt_token_ids, params)
-        if choice.prefill_worker is not None:
-            inputs.append(bytes_tensor("prefill_worker", choice.prefill_worker))
-        if choice.prefill_pool_saturated:
-            inputs.append(pb_utils.Tensor("prefill_pool_saturated", np.array([True], dtype=np.bool_)))
-        request = pb_utils.InferenceRequest(
-            model_name=choice.decode_worker,
-            inputs=inputs,
-            requested_output_names=list(WORKER_OUTPUT_NAMES),
-            request_id=request_id,
-        )
-        return request.exec(decoupled=True)
-
     def updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Iterator["WorkerUpdate"]:
@@ -85,45 +70,54 @@ class DecodeClient:
         Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
         failed probe: see `serving.bls_stream`), WorkerStreamError for its own verdict on the request.
         """
-        worker = choice.decode_worker
-        updates = watched_stream(
-            worker,
-            lambda: self._stream(choice, request_id, prompt_token_ids, params),
-            WorkerUpdate.of,
-            lambda: self.probe(worker),
-            WORKER_PROBE_AFTER_S,
-        )
+        worker, url = choice.decode_worker, choice.decode_url
+        inputs = prompt_arrays(prompt_token_ids, params)
+        if choice.prefill_worker is not None:
+            inputs["prefill_worker"] = text_array(choice.prefill_worker)
+            if choice.prefill_url:
+                inputs["prefill_worker_url"] = text_array(choice.prefill_url)
+        if choice.prefill_pool_saturated:
+            inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
+        streams = []
+
+        def start():  # on the watched stream's own thread
+            streams.append(calls_to(url).stream(worker, inputs, WORKER_OUTPUT_NAMES, request_id))
+            return streams[-1]
+
+        updates = watched_stream(worker, start, WorkerUpdate.of, lambda: self.probe(worker, url), WORKER_PROBE_AFTER_S)
         try:
             for update in updates:
                 if update.error_message is not None:
                     if (reason := lost_worker_reason(update.error_message)) is not None:
                         raise WorkerLost(worker, reason, update.error_message)
-                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, update.error_code))
+                    code = pb_utils.TritonError.INTERNAL if update.error_code is None else update.error_code
+                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, code))
                 yield update
         except (WorkerLost, WorkerStreamError):
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed BLS call: lost, or passed on as it is
+        except Exception as exc:  # noqa: BLE001 - a failed call: lost, or passed on as it is
             if (reason := lost_worker_reason(str(exc))) is not None:
                 raise WorkerLost(worker, reason, str(exc)) from None
             raise
+        finally:
+            for stream in streams:  # a remote stream given up on (a lost worker) is closed, not left open
+                stream.cancel()
 
-    def probe(self, decode_worker: str) -> str | None:
+    def probe(self, decode_worker: str, url: str = "") -> str | None:
         """None when the decode worker answers; else why not ("dead" or "gone")."""
         try:
-            self.abort(decode_worker, PROBE_REQUEST_ID)
+            self.abort(decode_worker, PROBE_REQUEST_ID, url)
         except WorkerStreamError as exc:
             return lost_worker_reason(exc.error.message())
-        except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
+        except Exception as exc:  # noqa: BLE001 - a failed call is an answer too
             return lost_worker_reason(str(exc)) or "gone"
         return None
 
-    def abort(self, decode_worker: str, request_id: str) -> None:
-        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
-        request = pb_utils.InferenceRequest(
-            model_name=decode_worker,
-            inputs=[bytes_tensor("abort_request_id", request_id)],
-            requested_output_names=[],
-        )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise WorkerStreamError(response.error())
+    def abort(self, decode_worker: str, request_id: str, url: str = "") -> None:
+        """Ask the decode worker (on the server at gRPC `url`; "" is this one) to abort `request_id`
+        and wait for its acknowledgement."""
+        calls: ModelCalls = calls_to(url)
+        for response in calls.stream(decode_worker, {"abort_request_id": text_array(request_id)}, []):
+            if response.has_error:
+                code = pb_utils.TritonError.INTERNAL if response.error_code is None else response.error_code
+                raise WorkerStreamError(pb_utils.TritonError(response.error_message, code))

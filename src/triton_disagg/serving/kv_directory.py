@@ -1,13 +1,18 @@
-"""The `kv_transfer` model (the KV directory) and the BLS client workers use to reach it.
+"""The `kv_transfer` model (the KV directory) and the client workers use to reach it.
 
-The model follows Triton's repository index (as the router does) and drops
-the entries of workers that were unloaded; `llm` drops those of a decode
-worker it found dead (`forget_model`).
+The directory runs in the entry server; workers of that server reach it
+through BLS, workers of other servers through Triton gRPC (`serving.model_calls`),
+registering with their server's gRPC endpoint in their layout. The model follows
+the repository index of its own server and of every server an entry came from,
+and drops the entries of workers that were unloaded there, or whose server
+stopped answering; `llm` drops those of a decode worker it found dead
+(`forget_model`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -16,12 +21,9 @@ from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
 from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.serving.live_workers import RepositoryWatcher
-from triton_disagg.serving.triton_io import (
-    bytes_tensor,
-    error_response,
-    read_inputs,
-    read_output,
-)
+from triton_disagg.serving.model_calls import calls_to
+from triton_disagg.serving.protocol import text_array
+from triton_disagg.serving.triton_io import error_response, read_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +37,61 @@ def _uint8_tensor(name: str, data: bytes) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.frombuffer(data, dtype=np.uint8).copy())
 
 
+#: Failed polls of a remote server's repository index after which its entries are dropped.
+MAX_FAILED_REMOTE_POLLS = 3
+
+
 class DirectoryService:
     """Answers register / unregister / lookup / forget_model / list; one response per request.
 
-    With `http_url`, it polls that server's repository index and drops the entries of models no
-    longer READY (`repository_headers`: the key of a restricted repository API).
+    With `http_url`, it polls that server's repository index, and the index of every server remote
+    entries came from (gRPC), every `interval_s`, and drops the entries of models no longer READY
+    there (`repository_headers`: the key of a restricted repository API).
     """
 
-    def __init__(self, http_url: str | None = None, repository_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, http_url: str | None = None, repository_headers: dict[str, str] | None = None, interval_s: float = 1.0
+    ) -> None:
         self.directory = KVDirectory()
         self._watcher = None
+        self._headers = repository_headers or {}
+        self._stop = threading.Event()
+        self._failed_polls: dict[str, int] = {}
         if http_url:
-            self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
+            self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers, interval_s=interval_s)
             self._watcher.start()
+            threading.Thread(target=self._watch_remote, args=(interval_s,), name="kv-directory-remote", daemon=True).start()
 
     def shutdown(self) -> None:
+        self._stop.set()
         if self._watcher is not None:
             self._watcher.stop()
 
     def _on_live(self, model_names: list[str]) -> None:
-        for agent_name in self.directory.retain_models(set(model_names)):
+        for agent_name in self.directory.retain_models(set(model_names), server_url=""):
             logger.info("KV directory: dropped %s (its worker was unloaded)", agent_name)
+
+    def _watch_remote(self, interval_s: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        # gRPC clients send a restricted API's header with Triton's prefix.
+        headers = {f"triton-grpc-protocol-{name}": value for name, value in self._headers.items()}
+        clients: dict[str, grpcclient.InferenceServerClient] = {}
+        while not self._stop.wait(interval_s):
+            for url in self.directory.server_urls():
+                try:
+                    client = clients.get(url) or clients.setdefault(url, grpcclient.InferenceServerClient(url))
+                    index = client.get_model_repository_index(headers=headers, as_json=True, client_timeout=5.0)
+                except Exception as exc:  # noqa: BLE001 - counted; the server may come back
+                    self._failed_polls[url] = self._failed_polls.get(url, 0) + 1
+                    if self._failed_polls[url] >= MAX_FAILED_REMOTE_POLLS:
+                        for agent_name in self.directory.retain_models(set(), server_url=url):
+                            logger.info("KV directory: dropped %s (its server %s stopped answering: %s)", agent_name, url, exc)
+                    continue
+                self._failed_polls.pop(url, None)
+                live = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+                for agent_name in self.directory.retain_models(live, server_url=url):
+                    logger.info("KV directory: dropped %s (its worker was unloaded from %s)", agent_name, url)
 
     def execute(self, request) -> "pb_utils.InferenceResponse":
         try:
@@ -64,7 +100,9 @@ class DirectoryService:
             if action == "register":
                 layout = PoolLayout.decode(inputs["layout"].tobytes())
                 self.directory.register(layout, inputs["metadata"].tobytes())
-                logger.info("KV directory: registered %s (%d blocks)", layout.agent_name, layout.num_blocks)
+                logger.info(
+                    "KV directory: registered %s (%d blocks) on %s", layout.agent_name, layout.num_blocks, layout.server_url or "this server"
+                )
                 return self._reply(found=True)
             if action == "list":
                 return self._reply(found=True, agent_names=self.directory.agent_names())
@@ -102,7 +140,10 @@ class DirectoryService:
 
 
 class DirectoryClient:
-    """Calls the `kv_transfer` model through BLS from a worker model."""
+    """Calls the `kv_transfer` model from a worker model: in this server (BLS), or at gRPC `url`."""
+
+    def __init__(self, url: str = "") -> None:
+        self.url = url
 
     def register(self, layout: PoolLayout, metadata: bytes) -> None:
         self._call("register", layout.agent_name, layout.encode(), metadata)
@@ -112,18 +153,16 @@ class DirectoryClient:
 
     def lookup(self, agent_name: str) -> tuple[PoolLayout, bytes] | None:
         response = self._call("lookup", agent_name)
-        if not bool(read_output(response, "found").reshape(-1)[0]):
+        if not bool(response.output("found").reshape(-1)[0]):
             return None
-        return PoolLayout.decode(read_output(response, "layout").tobytes()), read_output(response, "metadata").tobytes()
+        return PoolLayout.decode(response.output("layout").tobytes()), response.output("metadata").tobytes()
 
-    @staticmethod
-    def _call(action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b""):
-        inputs = [bytes_tensor("action", action), bytes_tensor("agent_name", agent_name)]
+    def _call(self, action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b""):
+        inputs = {"action": text_array(action), "agent_name": text_array(agent_name)}
         if layout:
-            inputs += [_uint8_tensor("layout", layout), _uint8_tensor("metadata", metadata)]
-        response = pb_utils.InferenceRequest(
-            model_name=DIRECTORY_MODEL, inputs=inputs, requested_output_names=list(OUTPUT_NAMES)
-        ).exec()
-        if response.has_error():
-            raise RuntimeError(response.error().message())
+            inputs["layout"] = np.frombuffer(layout, dtype=np.uint8).copy()
+            inputs["metadata"] = np.frombuffer(metadata, dtype=np.uint8).copy()
+        response = calls_to(self.url).call(DIRECTORY_MODEL, inputs, OUTPUT_NAMES)
+        if response.has_error:
+            raise RuntimeError(response.error_message)
         return response

@@ -40,6 +40,30 @@ class LLMSettings:
         return self.model_path / "tokenizer.json"
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerNetwork:
+    """Where a worker publishes its KV events and finds the KV directory.
+
+    A worker of the entry server (the one running the router and the KV directory) publishes on
+    ipc sockets in `kv_events_dir` and calls the directory through BLS; a worker of another server
+    publishes over TCP on `kv_events_host` and calls the directory at `directory_url` over gRPC.
+    """
+
+    #: Folder of the KV events' ipc sockets; "" with kv_events_host, or to publish none.
+    kv_events_dir: str = ""
+    #: Address to publish KV events on over TCP (this server's address, as the router reaches it).
+    kv_events_host: str = ""
+    #: gRPC endpoint ("host:port") of the entry server; "": this server.
+    directory_url: str = ""
+    #: This server's gRPC endpoint as other servers reach it; what the worker registers in the directory.
+    server_url: str = ""
+
+
+def worker_network(parameters: Mapping[str, str]) -> WorkerNetwork:
+    """A worker model's `kv_events_dir`, `kv_events_host`, `directory_url` and `server_url` parameters."""
+    return WorkerNetwork(**{name: parameters.get(name, "").strip() for name in WorkerNetwork.__dataclass_fields__})
+
+
 def model_parameters(model_config: Mapping) -> dict[str, str]:
     """The string parameters of a Triton model config (as passed to `initialize`)."""
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}

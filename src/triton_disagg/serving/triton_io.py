@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.errors import InvalidRequest, ServiceUnavailable
+from triton_disagg.serving.protocol import prompt_arrays
 
 
 def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
@@ -36,18 +37,7 @@ def int32_tensor(name: str, values: int | Iterable[int]) -> "pb_utils.Tensor":
 
 def prompt_tensors(prompt_token_ids: list[int], params: SamplingParams, with_max_tokens: bool = True) -> list:
     """A worker request's prompt and sampling inputs (`max_tokens` left out for a prefill worker)."""
-    tensors = [
-        pb_utils.Tensor("input_ids", np.array(prompt_token_ids, dtype=np.int32)),
-        pb_utils.Tensor("temperature", np.array([params.temperature], dtype=np.float32)),
-        pb_utils.Tensor("top_k", np.array([params.top_k], dtype=np.int32)),
-        pb_utils.Tensor("top_p", np.array([params.top_p], dtype=np.float32)),
-        pb_utils.Tensor("ignore_eos", np.array([params.ignore_eos], dtype=np.bool_)),
-    ]
-    if with_max_tokens:
-        tensors.append(pb_utils.Tensor("max_tokens", np.array([params.max_tokens], dtype=np.int32)))
-    if params.seed is not None:
-        tensors.append(pb_utils.Tensor("seed", np.array([params.seed], dtype=np.uint64)))
-    return tensors
+    return [pb_utils.Tensor(name, array) for name, array in prompt_arrays(prompt_token_ids, params, with_max_tokens).items()]
 
 
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":

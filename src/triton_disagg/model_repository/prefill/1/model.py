@@ -5,7 +5,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.serving.prefill import PrefillService
-from triton_disagg.serving.settings import engine_config, model_parameters
+from triton_disagg.serving.settings import engine_config, model_parameters, worker_network
 
 
 class TritonPythonModel:
@@ -14,7 +14,7 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the prefill model must be decoupled: set decoupled: true")
         parameters = model_parameters(model_config)
-        self._service = PrefillService(engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""))
+        self._service = PrefillService(engine_config(parameters), args["model_name"], worker_network(parameters))
 
     def execute(self, requests):
         for request in requests:
