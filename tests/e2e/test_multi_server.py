@@ -1,10 +1,15 @@
 """Serving across three Triton servers on their own loopback addresses: requests enter the entry server
 (127.0.0.1: llm, router, KV directory), are prefilled in a second (127.0.0.2) and decoded in a third
-(127.0.0.3, two decode workers), the KV moving between them over NIXL and the KV events over TCP."""
+(127.0.0.3, two decode workers), the KV moving between them over NIXL and the KV events over TCP.
+The entry server also runs decode_0, drained until the decode server is killed: somewhere to go."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +20,11 @@ from triton_disagg.deploy.load import parse_spec
 from triton_disagg.launch.deployment import local_deployment
 from triton_disagg.launch.server import free_ports
 from triton_disagg.launch.server_group import ServerGroup
+from triton_disagg.model_control import ModelControl, router_action
 
 from tests.e2e.conftest import MIN_REMOTE_TOKENS, NUM_BLOCKS, Client
 from tests.e2e.test_disagg import SHARED_PREFIX, decisions, greedy, pulls, wait_until_all_blocks_free
+from tests.e2e.test_reliability import STREAM_TOKENS, llm_counter, stream_text, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +68,11 @@ def group(tmp_path_factory, model_path) -> Iterator[ServerGroup]:
     local = local_deployment(
         parse_spec(spec), model_path=model_path, run_dir=tmp_path_factory.mktemp("multi"), exit_timeout_s=2, route_wait_s=2.0
     )
-    with ServerGroup(local.server, local.worker_servers) as running:
+    prefill, decode = local.worker_servers
+    # decode_0 in the entry server (a spec has one decode pool), decode_1 and decode_2 in the decode server.
+    entry = dataclasses.replace(local.server, decode_workers=1)
+    with ServerGroup(entry, [prefill, dataclasses.replace(decode, first_decode_id=1)]) as running:
+        router_action(running.entry.http_url, "drain", "decode_0")
         yield running
 
 
@@ -72,7 +83,7 @@ def entry(group) -> Client:
 
 def test_requests_entering_one_server_are_prefilled_and_decoded_in_the_others_token_exact(group, entry, client):
     prefill_server, decode_server = (Client(server) for server in group.worker_servers)
-    assert group.entry.worker_names == [] and group.worker_names == ["prefill_0", "decode_0", "decode_1"]
+    assert group.worker_names == ["decode_0", "prefill_0", "decode_1", "decode_2"]
     prompts = [SHARED_PREFIX + suffix for suffix in ("one", "two two", "three three three")]
     prompts += ["An unrelated prompt that is long enough to be prefilled remotely, surely. " * 2]
     expected = [greedy(client, p) for p in prompts]  # one server, one aggregated worker
@@ -83,7 +94,7 @@ def test_requests_entering_one_server_are_prefilled_and_decoded_in_the_others_to
     # on the prefill worker (127.0.0.2), and pulled the KV from there.
     assert decisions(decode_server, "remote") == len(prompts)
     assert pulls(decode_server, "done") >= len(prompts)
-    assert set(prefill_server.total_blocks()) == {"prefill_0"} and set(decode_server.total_blocks()) == {"decode_0", "decode_1"}
+    assert set(prefill_server.total_blocks()) == {"prefill_0"} and set(decode_server.total_blocks()) == {"decode_1", "decode_2"}
     # A short prompt is prefilled by the decode worker itself, and the output is the same too.
     assert greedy(entry, "Hello there") == greedy(client, "Hello there")
     for server in (prefill_server, decode_server):
@@ -109,12 +120,39 @@ def test_the_router_follows_kv_events_across_servers(group, entry):
     assert requests_by_worker()[owner] - after[owner] == 4
 
 
-def test_a_decode_server_that_went_away_gets_a_clear_unavailable_answer(group, entry):
-    """Last in this module: it stops the decode server. The entry server keeps serving and says why."""
-    decode = group.worker_servers[1]
-    decode.stop()
-    response = entry.post_generate(text_input="anyone there?", max_tokens=4)
-    error = response.json()["error"]
-    assert error.startswith("unavailable ("), response.text
-    assert response.status_code == 400  # Triton's generate endpoint answers every model error with 400
+def test_a_decode_server_killed_mid_stream_loses_no_request(group, entry, client):
+    """The decode server dies (SIGKILL) under a stream: the request moves to decode_0 in the entry server,
+    from its prompt and the tokens already streamed, and the client's text equals an uninterrupted run."""
+    decode_server = group.worker_servers[1]
+    prompt = "Every token must arrive exactly once, whichever server decodes it. " * 2
+    (expected, _) = stream_text(client, prompt)
+    migrations = llm_counter(entry, "triton_disagg_llm_migrations_total")
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(stream_text, entry, prompt, started)
+        assert started.wait(120)
+        router_action(group.entry.http_url, "undrain", "decode_0")
+        os.killpg(decode_server.pid, signal.SIGKILL)
+        assert job.result() == (expected, STREAM_TOKENS)
+    assert llm_counter(entry, "triton_disagg_llm_migrations_total") - migrations >= 1
+    assert greedy(entry, "after the kill") == greedy(client, "after the kill")
+
+
+def test_with_every_decode_worker_gone_the_answer_names_the_server_that_does_not_answer(group, entry):
+    """Last in this module: decode_0 is unloaded too. The entry server keeps serving, and says why."""
+    decode_server = group.worker_servers[1]
+    control = ModelControl(group.entry.http_url)
+    try:
+        control.unload("decode_0")
+    finally:
+        control.close()
+
+    def answer() -> str:
+        response = entry.post_generate(text_input="anyone there?", max_tokens=4)
+        assert response.status_code == 400  # Triton's generate endpoint answers every model error with 400
+        return response.json()["error"]
+
+    # The decode server's workers leave the router once it has not answered for 3 s.
+    expected = f"unavailable (no_workers): no decode worker is loaded; the Triton servers at {decode_server.grpc_url} do not answer"
+    assert wait_for(lambda: answer().startswith(expected), 30), answer()
     assert group.entry.is_running()

@@ -46,7 +46,7 @@ def test_a_silent_server_loses_its_workers_after_unreachable_after_s_and_is_forg
     found.on_poll(DECODE_SERVER, None, now_s=3.9)  # 2.9 s silent: kept
     assert found.workers() == {"decode_0": DECODE_SERVER}
     found.on_poll(DECODE_SERVER, None, now_s=4.0)  # 3.0 s silent: its workers leave
-    assert found.workers() == {}
+    assert (found.workers(), found.unreachable_servers()) == ({}, [DECODE_SERVER])
     assert found.expire(now_s=60.9) == [PREFILL_SERVER]  # never answered since it was added at 0 s
     assert found.expire(now_s=61.0) == [DECODE_SERVER]
     assert found.servers == [None]

@@ -193,6 +193,12 @@ class RouterService:
 
     def _why_no_decode_worker(self) -> ServiceUnavailable:
         if not self._decode:
+            unreachable = self._locations.unreachable_servers()
+            if unreachable:
+                urls = ", ".join(address.grpc_url for address in unreachable)
+                return ServiceUnavailable(
+                    "no_workers", f"no decode worker is loaded; the Triton servers at {urls} do not answer (their workers left)"
+                )
             return ServiceUnavailable("no_workers", "no decode worker is loaded yet; retry once one is")
         if all(w in self._draining for w in self._decode):
             return ServiceUnavailable("all_workers_draining", f"all {len(self._decode)} decode workers are being unloaded")

@@ -121,6 +121,10 @@ class WorkerLocations:
             del self._servers[address]
         return gone
 
+    def unreachable_servers(self) -> list[ServerAddress]:
+        """The servers followed whose workers left because they stopped answering."""
+        return [address for address, server in self._servers.items() if address is not None and not server.is_reachable]
+
     def workers(self) -> dict[str, ServerAddress | None]:
         """Every live model name and its server. A name listed by two servers stays on the entry server,
         else on the one that answered last (a worker moved between servers)."""
