@@ -49,6 +49,8 @@ def test_bench_smoke(frontend, model_path, tmp_path):
     rows = [(r["scenario"], r["concurrency"], r["num_requests"], r["num_errors"]) for r in report["results"]]
     assert rows == [("sweep", 1, 4, 0), ("sweep", 2, 4, 0), ("rate", None, 4, 0), ("trace", None, 4, 0)]
     for result in report["results"]:
-        assert result["ttft_p50_ms"] > 0 and result["itl_p50_ms"] > 0 and result["output_token_throughput_per_s"] > 0
+        # ITL is measured where AIPerf reads the stream: a client starved of CPU reads several events at
+        # once and times them alike, so on a loaded machine its median may be 0.
+        assert result["ttft_p50_ms"] > 0 and result["itl_p50_ms"] >= 0 and result["output_token_throughput_per_s"] > 0
     assert report["trace"]["block_tokens"] == 16
     assert (out / "bench.png").stat().st_size > 10_000

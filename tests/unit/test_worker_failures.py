@@ -108,13 +108,22 @@ def test_a_watched_stream_yields_converted_responses_in_order():
     assert list(stream) == [10, 20, 30]
 
 
-def test_a_watched_stream_that_goes_silent_is_probed_and_given_up_when_the_probe_fails():
-    never = threading.Event()
+class _SilentStream:
+    """A dead stub's stream: one response, then neither a response nor an end until cancelled."""
 
-    def start():
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
         yield "first"
-        never.wait()  # a dead stub's stream: no response, no end
+        self.cancelled.wait()
 
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_a_watched_stream_that_goes_silent_is_probed_given_up_and_cancelled_when_the_probe_fails():
+    silent = _SilentStream()
     probes = []
     answers = iter([None, "dead"])  # alive at the first probe, dead at the second
 
@@ -122,12 +131,12 @@ def test_a_watched_stream_that_goes_silent_is_probed_and_given_up_when_the_probe
         probes.append(1)
         return next(answers)
 
-    stream = watched_stream("decode_0", start, str.upper, probe, probe_after_s=0.01)
+    stream = watched_stream("decode_0", lambda: silent, str.upper, probe, probe_after_s=0.01)
     assert next(stream) == "FIRST"
     with pytest.raises(WorkerLost) as raised:
         next(stream)
     assert (raised.value.worker_name, raised.value.reason, len(probes)) == ("decode_0", "dead", 2)
-    never.set()
+    assert silent.cancelled.is_set()  # its reading thread is not left blocked
 
 
 def test_a_watched_stream_passes_on_what_opening_it_raised():

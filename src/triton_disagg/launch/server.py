@@ -330,14 +330,15 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     }
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)
+    # The models call one another through this server's gRPC endpoint, not BLS (see serving.model_calls).
+    engine["grpc_url"] = config.grpc_url
     if config.is_entry:
         engine["kv_events_dir"] = str(kv_events_dir)
     else:
-        # The router of another server follows this server's workers over TCP, and they register
-        # with the KV directory there, naming this server as where they run.
+        # The router of the entry server follows this server's workers' KV events over TCP, and they
+        # register with the KV directory there.
         engine["kv_events_host"] = config.host
         engine["directory_url"] = config.entry_grpc_url
-        engine["server_url"] = config.grpc_url
     parameters = {
         "prefill": engine
         | {
@@ -355,6 +356,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "route_wait_s": str(config.route_wait_s),
             "migration_limit": str(config.migration_limit),
             "max_tokens_limit": "" if config.max_tokens_limit is None else str(config.max_tokens_limit),
+            "grpc_url": engine["grpc_url"],
         },
         "kv_transfer": {"server_host": config.connect_host, "http_port": str(config.http_port)},
         "router": {

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from triton_disagg.model_control import ModelControl
-from triton_disagg.serving.live_workers import DECODE_NAME, PREFILL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +82,11 @@ class StubSupervisor:
         return self._instances[model]
 
     def _reload(self, model: str) -> None:
-        if PREFILL_NAME.match(model) or DECODE_NAME.match(model):
-            template = model.rsplit("_", 1)[0]
-            placement = self._control.placement_of(model)
-            self._control.load_worker(self._run_dir / "model_repository", template, model, placement)
-        else:
-            # A config override makes Triton load it anew even though nothing on disk changed.
-            self._control.load_model(model, json.dumps(self._control.model_config(model)))
+        # Triton loads a model again only when its config differs from the one it runs, so the
+        # override is the running config (a worker keeps its placement and parameters) with a
+        # `reload` parameter that counts the reloads.
+        config = self._control.model_config(model)
+        parameters = config.setdefault("parameters", {})
+        count = int(parameters.get("reload", {}).get("string_value", "0") or 0)
+        parameters["reload"] = {"string_value": str(count + 1)}
+        self._control.load_model(model, json.dumps(config))

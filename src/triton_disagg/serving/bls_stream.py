@@ -1,24 +1,24 @@
-"""Reading a worker's decoupled BLS stream without hanging on a dead worker.
+"""Reading a worker's decoupled stream without hanging on a dead worker.
 
 Triton 2.51 does not fail the requests in flight on a Python model whose stub
-process died: their response iterators just never yield again. So a stream
-is read on a thread of its own, and its reader waits on a queue: when no
-response came for `probe_after_s`, it asks `probe()` whether the worker still
-answers, and gives up on the stream (WorkerLost) when it does not. The
-abandoned thread stays blocked on the dead stream; it holds only that
-stream. That thread also makes, reads and drops every Triton object of the
-stream (`convert` turns each response into plain data): Triton's Python
-objects never cross threads here.
+process died: their responses just never come. So a stream is read on a
+thread of its own, and its reader waits on a queue: when no response came
+for `probe_after_s`, it asks `probe()` whether the worker still answers, and
+gives up on the stream (WorkerLost) when it does not, cancelling it (a gRPC
+stream then ends; a BLS one keeps its thread blocked, holding only that
+stream). That thread also makes, reads and drops every object of the stream
+(`convert` turns each response into plain data).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from triton_disagg.serving.migration import WorkerLost
+from triton_disagg.serving.model_calls import ResponseStream
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ _END = object()
 
 def watched_stream(
     worker_name: str,
-    start: Callable[[], Iterable],
+    start: Callable[[], ResponseStream],
     convert: Callable[[object], T],
     probe: Callable[[], str | None],
     probe_after_s: float,
@@ -39,10 +39,13 @@ def watched_stream(
     the iteration or `convert` raised.
     """
     received: queue.SimpleQueue = queue.SimpleQueue()
+    streams: list[ResponseStream] = []
 
     def pump() -> None:
         try:
-            for response in start():
+            stream = start()
+            streams.append(stream)
+            for response in stream:
                 received.put(convert(response))
             received.put(_END)
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which decides
@@ -54,6 +57,8 @@ def watched_stream(
             item = received.get(timeout=probe_after_s)
         except queue.Empty:
             if (reason := probe()) is not None:
+                for stream in streams:
+                    stream.cancel()
                 raise WorkerLost(worker_name, reason, f"no response for {probe_after_s:g} s and its probe failed") from None
             continue
         if item is _END:

@@ -2,9 +2,9 @@
 
 A request offers a prefill worker (`prefill_worker`); the decode worker
 decides (see `disagg.decide_prefill`) from its own prefix-cache hit and the
-prompt. For a remote prefill it calls the prefill worker (through BLS in its
-own server, over gRPC at `prefill_worker_url` in another), streams the first
-token at once, then pulls the KV over NIXL and decodes.
+prompt. For a remote prefill it calls the prefill worker (in its own server,
+or at `prefill_worker_url` in another), streams the first token at once,
+then pulls the KV over NIXL and decodes.
 If the prefill worker fails or is gone, the prompt is prefilled locally.
 With no prefill worker at all, a decode worker is an aggregated worker.
 """
@@ -16,6 +16,7 @@ import logging
 import threading
 import uuid
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.kv_connector import RemoteKV
@@ -24,7 +25,6 @@ from triton_disagg.kv_transfer.handle import InvalidKVHandle, KVHandle
 from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.disagg import decide_prefill
 from triton_disagg.serving.migration import lost_worker_reason
-from triton_disagg.serving.model_calls import ModelResponse, calls_to
 from triton_disagg.serving.protocol import (
     DECODE_INPUT_NAMES,
     DecodeGenerate,
@@ -32,13 +32,13 @@ from triton_disagg.serving.protocol import (
     WorkerAbort,
     WorkerDescribe,
     parse_decode_request,
-    prompt_arrays,
-    text_array,
 )
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
     int32_tensor,
+    prompt_arrays,
     read_inputs,
 )
 from triton_disagg.serving.worker import FINAL, EngineService, ResponseStream
@@ -155,24 +155,21 @@ class DecodeService(EngineService):
 
     def _call_prefill(self, parsed: DecodeGenerate) -> _PrefillResult:
         """The prefill worker's first token and KV handle. Raises when it fails, dies or is gone."""
-        worker, url = parsed.prefill_worker, parsed.prefill_worker_url
-        inputs = prompt_arrays(parsed.prompt_token_ids, parsed.params, with_max_tokens=False)
-        streams = []
+        worker = parsed.prefill_worker
+        calls = self._calls_to(parsed.prefill_worker_url)
 
-        def start():  # on the stream's own thread, like every Triton object of the stream
-            streams.append(calls_to(url).stream(worker, inputs, _PREFILL_OUTPUT_NAMES, uuid.uuid4().hex))
-            return streams[-1]
+        def start():
+            inputs = prompt_arrays(parsed.prompt_token_ids, parsed.params, with_max_tokens=False)
+            outputs = ["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"]
+            return calls.stream(worker, inputs, outputs, uuid.uuid4().hex)
 
-        results = watched_stream(worker, start, _prefill_result_of, lambda: _probe_prefill(worker, url), PREFILL_PROBE_AFTER_S)
+        probe = lambda: _probe_prefill(calls, worker)  # noqa: E731
+        results = watched_stream(worker, start, _prefill_result_of, probe, PREFILL_PROBE_AFTER_S)
         result = None
-        try:
-            for item in results:
-                if isinstance(item, str):
-                    raise RuntimeError(item)
-                result = item or result
-        finally:
-            for stream in streams:
-                stream.cancel()
+        for item in results:
+            if isinstance(item, str):
+                raise RuntimeError(item)
+            result = item or result
         if result is None:
             raise RuntimeError(f"{worker} returned no first token")
         return result
@@ -215,7 +212,7 @@ class DecodeService(EngineService):
         if entry is None:
             raise InvalidKVHandle(f"kv_handle names agent {handle.agent_name!r}, which is not in the KV directory")
         layout, metadata = entry
-        if not self._hold_is_live(layout, handle.hold_id):
+        if not self._hold_is_live(self._calls_to(layout.server_url), layout.model_name, handle.hold_id):
             raise InvalidKVHandle(f"kv_handle is stale: {layout.model_name} no longer holds {handle.hold_id!r}")
         if not self.engine.kv_connector.knows_peer(handle.agent_name):
             self.engine.kv_connector.add_peer_threadsafe(layout, metadata)
@@ -223,20 +220,22 @@ class DecodeService(EngineService):
             raise InvalidRequest("max_tokens must be >= 2 with a kv_handle: the first token is already sampled")
         return RemoteKV(handle, parsed.first_token_id)
 
+    def _calls_to(self, server_url: str) -> ModelCalls:
+        """How to reach a model of the server at gRPC `server_url`; "" is the entry server (the one running the
+        router and the KV directory: this one, or the one at `directory_url`)."""
+        server_url = server_url or self.network.directory_url
+        return calls_to(server_url) if server_url and server_url != self.network.grpc_url else self.calls
+
     @staticmethod
-    def _hold_is_live(layout, hold_id: str) -> bool:
-        """Whether the prefill worker of `layout` (in its server) still holds `hold_id`."""
-        inputs = {"check_hold_id": text_array(hold_id)}
-        for response in calls_to(layout.server_url).stream(layout.model_name, inputs, ["hold_found"]):
+    def _hold_is_live(calls: ModelCalls, model_name: str, hold_id: str) -> bool:
+        inputs = {"check_hold_id": np.array([hold_id.encode()], dtype=np.object_)}
+        for response in calls.stream(model_name, inputs, ["hold_found"]):
             if response.has_error:
                 return False
             found = response.output("hold_found")
             if found is not None:
                 return bool(found.reshape(-1)[0])
         return False
-
-
-_PREFILL_OUTPUT_NAMES = ("output_ids", "finish_reason", "num_cached_tokens", "kv_handle")
 
 
 def _prefill_result_of(response: ModelResponse) -> "_PrefillResult | str | None":
@@ -255,13 +254,13 @@ def _prefill_result_of(response: ModelResponse) -> "_PrefillResult | str | None"
     )
 
 
-def _probe_prefill(worker: str, url: str) -> str | None:
-    """None while the prefill worker (on the server at gRPC `url`; "" this one) answers a hold check;
-    else why not ("dead" or "gone")."""
+def _probe_prefill(calls: ModelCalls, worker: str) -> str | None:
+    """None while the prefill worker answers a hold check; else why not ("dead" or "gone")."""
+    inputs = {"check_hold_id": np.array([b"liveness-probe"], dtype=np.object_)}
     try:
-        for response in calls_to(url).stream(worker, {"check_hold_id": text_array("liveness-probe")}, ["hold_found"]):
+        for response in calls.stream(worker, inputs, ["hold_found"]):
             if response.has_error:
                 return lost_worker_reason(response.error_message) or "gone"
-    except Exception as exc:  # noqa: BLE001 - a failed call is an answer too
+    except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
         return lost_worker_reason(str(exc)) or "gone"
     return None

@@ -1,11 +1,10 @@
 """`llm`'s side of the decode workers: start a generation and read it, abort, probe.
 
-A decode worker in `llm`'s own server is called through BLS, one on another
-server through Triton gRPC (`serving.model_calls`, chosen by the route's
-`decode_url`); everything else is the same. The decisions about what a
-failure means live in `serving.migration` (pure). A generation's stream is
-read on a watched thread (`serving.bls_stream`), so a dead worker surfaces as
-WorkerLost instead of a stream that never ends.
+Every call here is a Triton call (through `serving.model_calls`, to this
+server or, for a route that names one, to the decode worker's server); the
+decisions about what a failure means live in `serving.migration` (pure). A
+generation's stream is read on a watched thread (`serving.bls_stream`), so a
+dead worker surfaces as WorkerLost instead of a stream that never ends.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ import triton_python_backend_utils as pb_utils
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to
-from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES, prompt_arrays, text_array
+from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
 from triton_disagg.serving.router_service import Route
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to
+from triton_disagg.serving.triton_io import prompt_arrays, triton_error
 
 #: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
 WORKER_PROBE_AFTER_S = 2.0
@@ -35,9 +35,9 @@ class WorkerUpdate:
 
     new_token_ids: list[int]
     finish_reason: str | None
-    #: The worker's error, if it answered with one: its message and TritonError code (None: not known).
+    #: The worker's error, if it answered with one: its message and TritonError code.
     error_message: str | None = None
-    error_code: int | None = None
+    error_code: str | None = None
 
     @classmethod
     def of(cls, response: ModelResponse) -> "WorkerUpdate":
@@ -62,6 +62,24 @@ class WorkerStreamError(RuntimeError):
 class DecodeClient:
     """Calls to decode workers from the `llm` model. Stateless; usable from any thread."""
 
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
+
+    def _calls_to(self, server_url: str) -> ModelCalls:
+        """The decode worker's server: this one for "", else the one at gRPC `server_url`."""
+        return calls_to(server_url) if server_url else self._calls
+
+    def _stream(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
+        inputs = prompt_arrays(prompt_token_ids, params)
+        if choice.prefill_worker is not None:
+            inputs["prefill_worker"] = np.array([choice.prefill_worker.encode()], dtype=np.object_)
+            if choice.prefill_url:
+                inputs["prefill_worker_url"] = np.array([choice.prefill_url.encode()], dtype=np.object_)
+        if choice.prefill_pool_saturated:
+            inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
+        return self._calls_to(choice.decode_url).stream(choice.decode_worker, inputs, WORKER_OUTPUT_NAMES, request_id)
+
     def updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Iterator["WorkerUpdate"]:
@@ -70,54 +88,43 @@ class DecodeClient:
         Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
         failed probe: see `serving.bls_stream`), WorkerStreamError for its own verdict on the request.
         """
-        worker, url = choice.decode_worker, choice.decode_url
-        inputs = prompt_arrays(prompt_token_ids, params)
-        if choice.prefill_worker is not None:
-            inputs["prefill_worker"] = text_array(choice.prefill_worker)
-            if choice.prefill_url:
-                inputs["prefill_worker_url"] = text_array(choice.prefill_url)
-        if choice.prefill_pool_saturated:
-            inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
-        streams = []
-
-        def start():  # on the watched stream's own thread
-            streams.append(calls_to(url).stream(worker, inputs, WORKER_OUTPUT_NAMES, request_id))
-            return streams[-1]
-
-        updates = watched_stream(worker, start, WorkerUpdate.of, lambda: self.probe(worker, url), WORKER_PROBE_AFTER_S)
+        worker = choice.decode_worker
+        updates = watched_stream(
+            worker,
+            lambda: self._stream(choice, request_id, prompt_token_ids, params),
+            WorkerUpdate.of,
+            lambda: self.probe(worker, choice.decode_url),
+            WORKER_PROBE_AFTER_S,
+        )
         try:
             for update in updates:
                 if update.error_message is not None:
                     if (reason := lost_worker_reason(update.error_message)) is not None:
                         raise WorkerLost(worker, reason, update.error_message)
-                    code = pb_utils.TritonError.INTERNAL if update.error_code is None else update.error_code
-                    raise WorkerStreamError(pb_utils.TritonError(update.error_message, code))
+                    raise WorkerStreamError(triton_error(update.error_message, update.error_code))
                 yield update
         except (WorkerLost, WorkerStreamError):
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed call: lost, or passed on as it is
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call: lost, or passed on as it is
             if (reason := lost_worker_reason(str(exc))) is not None:
                 raise WorkerLost(worker, reason, str(exc)) from None
             raise
-        finally:
-            for stream in streams:  # a remote stream given up on (a lost worker) is closed, not left open
-                stream.cancel()
 
-    def probe(self, decode_worker: str, url: str = "") -> str | None:
-        """None when the decode worker answers; else why not ("dead" or "gone")."""
+    def probe(self, decode_worker: str, server_url: str = "") -> str | None:
+        """None when the decode worker (in the server at gRPC `server_url`; "" this one) answers; else why
+        not ("dead" or "gone")."""
         try:
-            self.abort(decode_worker, PROBE_REQUEST_ID, url)
+            self.abort(decode_worker, PROBE_REQUEST_ID, server_url)
         except WorkerStreamError as exc:
             return lost_worker_reason(exc.error.message())
-        except Exception as exc:  # noqa: BLE001 - a failed call is an answer too
+        except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
             return lost_worker_reason(str(exc)) or "gone"
         return None
 
-    def abort(self, decode_worker: str, request_id: str, url: str = "") -> None:
-        """Ask the decode worker (on the server at gRPC `url`; "" is this one) to abort `request_id`
+    def abort(self, decode_worker: str, request_id: str, server_url: str = "") -> None:
+        """Ask the decode worker (in the server at gRPC `server_url`; "" this one) to abort `request_id`
         and wait for its acknowledgement."""
-        calls: ModelCalls = calls_to(url)
-        for response in calls.stream(decode_worker, {"abort_request_id": text_array(request_id)}, []):
+        inputs = {"abort_request_id": np.array([request_id.encode()], dtype=np.object_)}
+        for response in self._calls_to(server_url).stream(decode_worker, inputs, []):
             if response.has_error:
-                code = pb_utils.TritonError.INTERNAL if response.error_code is None else response.error_code
-                raise WorkerStreamError(pb_utils.TritonError(response.error_message, code))
+                raise WorkerStreamError(triton_error(response.error_message, response.error_code))

@@ -1,12 +1,11 @@
 """The `kv_transfer` model (the KV directory) and the client workers use to reach it.
 
-The directory runs in the entry server; workers of that server reach it
-through BLS, workers of other servers through Triton gRPC (`serving.model_calls`),
-registering with their server's gRPC endpoint in their layout. The model follows
-the repository index of its own server and of every server an entry came from,
-and drops the entries of workers that were unloaded there, or whose server
-stopped answering; `llm` drops those of a decode worker it found dead
-(`forget_model`).
+The directory runs in the entry server; workers of other servers register
+with their server's gRPC endpoint in their layout. The model follows the
+repository index of its own server and of every server an entry came from
+(as the router does), and drops the entries of workers that were unloaded
+there, or whose server stopped answering; `llm` drops those of a decode
+worker it found dead (`forget_model`).
 """
 
 from __future__ import annotations
@@ -16,14 +15,18 @@ import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+import tritonclient.grpc as grpcclient
 
 from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
 from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.serving.live_workers import RepositoryWatcher
-from triton_disagg.serving.model_calls import calls_to
-from triton_disagg.serving.protocol import text_array
-from triton_disagg.serving.triton_io import error_response, read_inputs
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
+from triton_disagg.serving.triton_io import (
+    bytes_tensor,
+    error_response,
+    read_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def _uint8_tensor(name: str, data: bytes) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.frombuffer(data, dtype=np.uint8).copy())
 
 
-#: Failed polls of a remote server's repository index after which its entries are dropped.
+#: Failed polls of another server's repository index after which its entries are dropped.
 MAX_FAILED_REMOTE_POLLS = 3
 
 
@@ -57,10 +60,17 @@ class DirectoryService:
         self._headers = repository_headers or {}
         self._stop = threading.Event()
         self._failed_polls: dict[str, int] = {}
+        self._interval_s = interval_s
+        self._remote_watcher: threading.Thread | None = None
         if http_url:
             self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers, interval_s=interval_s)
             self._watcher.start()
-            threading.Thread(target=self._watch_remote, args=(interval_s,), name="kv-directory-remote", daemon=True).start()
+
+    def _watch_remote_servers(self) -> None:
+        """From the first entry of another server on: poll the servers entries came from (one thread)."""
+        if self._watcher is not None and self._remote_watcher is None:
+            self._remote_watcher = threading.Thread(target=self._watch_remote, name="kv-directory-remote", daemon=True)
+            self._remote_watcher.start()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -71,13 +81,11 @@ class DirectoryService:
         for agent_name in self.directory.retain_models(set(model_names), server_url=""):
             logger.info("KV directory: dropped %s (its worker was unloaded)", agent_name)
 
-    def _watch_remote(self, interval_s: float) -> None:
-        import tritonclient.grpc as grpcclient
-
+    def _watch_remote(self) -> None:
         # gRPC clients send a restricted API's header with Triton's prefix.
         headers = {f"triton-grpc-protocol-{name}": value for name, value in self._headers.items()}
         clients: dict[str, grpcclient.InferenceServerClient] = {}
-        while not self._stop.wait(interval_s):
+        while not self._stop.wait(self._interval_s):
             for url in self.directory.server_urls():
                 try:
                     client = clients.get(url) or clients.setdefault(url, grpcclient.InferenceServerClient(url))
@@ -100,9 +108,10 @@ class DirectoryService:
             if action == "register":
                 layout = PoolLayout.decode(inputs["layout"].tobytes())
                 self.directory.register(layout, inputs["metadata"].tobytes())
-                logger.info(
-                    "KV directory: registered %s (%d blocks) on %s", layout.agent_name, layout.num_blocks, layout.server_url or "this server"
-                )
+                if layout.server_url:
+                    self._watch_remote_servers()
+                where = layout.server_url or "this server"
+                logger.info("KV directory: registered %s (%d blocks) on %s", layout.agent_name, layout.num_blocks, where)
                 return self._reply(found=True)
             if action == "list":
                 return self._reply(found=True, agent_names=self.directory.agent_names())
@@ -140,10 +149,10 @@ class DirectoryService:
 
 
 class DirectoryClient:
-    """Calls the `kv_transfer` model from a worker model: in this server (BLS), or at gRPC `url`."""
+    """Calls the `kv_transfer` model from a worker model or `llm`."""
 
-    def __init__(self, url: str = "") -> None:
-        self.url = url
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
 
     def register(self, layout: PoolLayout, metadata: bytes) -> None:
         self._call("register", layout.agent_name, layout.encode(), metadata)
@@ -157,12 +166,15 @@ class DirectoryClient:
             return None
         return PoolLayout.decode(response.output("layout").tobytes()), response.output("metadata").tobytes()
 
-    def _call(self, action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b""):
-        inputs = {"action": text_array(action), "agent_name": text_array(agent_name)}
+    def _call(self, action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b"") -> ModelResponse:
+        inputs = {"action": _text(action), "agent_name": _text(agent_name)}
         if layout:
-            inputs["layout"] = np.frombuffer(layout, dtype=np.uint8).copy()
-            inputs["metadata"] = np.frombuffer(metadata, dtype=np.uint8).copy()
-        response = calls_to(self.url).call(DIRECTORY_MODEL, inputs, OUTPUT_NAMES)
+            inputs |= {"layout": np.frombuffer(layout, dtype=np.uint8), "metadata": np.frombuffer(metadata, dtype=np.uint8)}
+        response = self._calls.call(DIRECTORY_MODEL, inputs, list(OUTPUT_NAMES))
         if response.has_error:
             raise RuntimeError(response.error_message)
         return response
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)

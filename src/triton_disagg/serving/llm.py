@@ -25,6 +25,7 @@ from triton_disagg.serving.decode_client import DecodeClient, WorkerStreamError,
 from triton_disagg.serving.detokenizer import IncrementalDetokenizer
 from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.llm_metrics import LLMMetrics
+from triton_disagg.serving.model_calls import calls_to
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason, plan_continuation
 from triton_disagg.serving.protocol import (
     LLM_INPUT_NAMES,
@@ -60,9 +61,10 @@ class LLMService:
     def __init__(self, settings: LLMSettings) -> None:
         self.settings = settings
         self.tokenizer = Tokenizer.from_file(str(settings.tokenizer_path))
-        self.router = RouterClient()
-        self.decode = DecodeClient()
-        self.directory = DirectoryClient()
+        calls = calls_to(settings.grpc_url)
+        self.router = RouterClient(calls)
+        self.decode = DecodeClient(calls)
+        self.directory = DirectoryClient(calls)
         self.metrics = LLMMetrics()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()

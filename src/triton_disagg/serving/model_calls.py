@@ -1,12 +1,29 @@
-"""Reaching a Triton model from inside one: in-process BLS on this server, Triton gRPC on another.
+"""Reaching a Triton model from inside one: Triton's gRPC endpoint, or in-process BLS.
 
-The request path calls decode and prefill workers, the router and the KV
-directory through `ModelCalls`: `stream()` for a decoupled model, `call()`
-for a model that answers once. Inputs are numpy arrays by name, and every
-answer comes back as a `ModelResponse` of plain data, so the caller's code is
-the same whether the model runs in this server (`BlsCalls`, the fast path) or
-in another one (`GrpcCalls`: one channel per server, one HTTP/2 stream per
-request). `calls_to(url)` picks: an empty URL is this server.
+The models call one another through `ModelCalls` (`llm` the router, the
+decode workers and the KV directory; a decode worker the prefill workers and
+the KV directory):
+`stream()` for a decoupled model, `call()` for a model that answers once.
+Inputs are numpy arrays by name, and every answer comes back as a
+`ModelResponse` of plain data, so the caller's code is the same for both.
+`calls_to(url)` picks: `GrpcCalls` for a gRPC URL (one channel per server,
+one HTTP/2 stream per request), `BlsCalls` for "".
+
+`serve` points every model at its own server's gRPC endpoint (the models'
+`grpc_url` parameter), because BLS in
+Triton 2.51's Python backend is not safe with threads: the stub turns a BLS
+response into numpy arrays with the GIL released (`InferRequest::Exec`) or
+on a C++ thread that never takes it (decoupled responses,
+`ProcessBLSResponseDecoupled`), and BYTES outputs even run Python code
+there. A stub that relays requests on several threads then corrupts
+reference counts and its heap: under 8 concurrent streams the `llm` stub
+died within minutes ("Reference count error detected: an attempt was made to
+deallocate the dtype 17 (O)", "malloc(): unaligned tcache chunk",
+segfaults), and Triton failed none of its requests. Over gRPC every object
+is made by grpc-python under the GIL.
+
+Triton's gRPC stream carries an error's message but not its code, so a
+stream error's code is read from the message (`stream_error_code`).
 
 A stream made here is made, read and dropped on the thread that iterates it
 (BLS objects never cross threads); `cancel()` may be called from any thread
@@ -15,7 +32,7 @@ and ends a gRPC stream at once (a BLS stream has nothing to cancel).
 
 from __future__ import annotations
 
-import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +43,6 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
-logger = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -51,8 +67,8 @@ class ModelResponse:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     #: The model's error, if it answered with one.
     error_message: str | None = None
-    #: Its TritonError code (in-process calls only; Triton's gRPC stream carries the message alone).
-    error_code: int | None = None
+    #: Its Triton error code by name ("INVALID_ARG", "UNAVAILABLE", "INTERNAL", ...).
+    error_code: str | None = None
 
     @property
     def has_error(self) -> bool:
@@ -105,7 +121,8 @@ class BlsCalls:
     def _response(self, response) -> ModelResponse:
         if response.has_error():
             error = response.error()
-            return ModelResponse(error_message=error.message(), error_code=int(error.code()))
+            names = {getattr(self._pb.TritonError, name): name for name in _TRITON_ERROR_CODES}
+            return ModelResponse(error_message=error.message(), error_code=names.get(error.code(), "INTERNAL"))
         return ModelResponse({tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()})
 
 
@@ -124,7 +141,7 @@ class _BlsStream:
 
 
 class GrpcCalls:
-    """The models of another Triton server, over its gRPC endpoint `url` ("host:port"). Thread-safe."""
+    """The models of a Triton server (this one, or another), over its gRPC endpoint `url` ("host:port"). Thread-safe."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -145,7 +162,8 @@ class GrpcCalls:
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise RuntimeError(f"{UNREACHABLE} at {self.url}: {error.details()}") from None
-            return ModelResponse(error_message=error.details() or str(error.code()))
+            code = _GRPC_STATUS_TO_TRITON.get(error.code(), "INTERNAL")
+            return ModelResponse(error_message=error.details() or str(error.code()), error_code=code)
         return _outputs_of(response, output_names)
 
     def close(self) -> None:
@@ -174,7 +192,7 @@ class _GrpcStream:
         try:
             for message in self._call:
                 if message.error_message:
-                    yield ModelResponse(error_message=message.error_message)
+                    yield ModelResponse(error_message=message.error_message, error_code=stream_error_code(message.error_message))
                     return
                 response = message.infer_response
                 final = response.parameters.get("triton_final_response")
@@ -197,6 +215,32 @@ class _GrpcStream:
             call.cancel()  # a no-op once the call has finished
 
 
+#: The TritonError codes a response may carry, by name.
+_TRITON_ERROR_CODES = ("INVALID_ARG", "UNAVAILABLE", "INTERNAL", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED", "UNKNOWN")
+_GRPC_STATUS_TO_TRITON = {
+    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_ARG",
+    grpc.StatusCode.NOT_FOUND: "NOT_FOUND",
+    grpc.StatusCode.UNIMPLEMENTED: "UNSUPPORTED",
+    grpc.StatusCode.ALREADY_EXISTS: "ALREADY_EXISTS",
+    grpc.StatusCode.CANCELLED: "CANCELLED",
+}
+#: How `serving.triton_io.error_response` words an internal error: "ValueError: ...".
+_INTERNAL_MESSAGE = re.compile(r"^[A-Z]\w*(Error|Exception): ")
+
+
+def stream_error_code(message: str) -> str:
+    """The Triton error code of an error a worker sent on a gRPC stream, read from its message.
+
+    Our models word them as `serving.triton_io.error_response` does: "unavailable (reason): ..." for
+    UNAVAILABLE, "SomeError: ..." for INTERNAL, the bare message for INVALID_ARG (a client mistake).
+    """
+    if message.startswith("unavailable ("):
+        return "UNAVAILABLE"
+    if _INTERNAL_MESSAGE.match(message):
+        return "INTERNAL"
+    return "INVALID_ARG"
+
+
 def infer_request(
     model: str, inputs: Arrays, output_names: Sequence[str], request_id: str = ""
 ) -> "service_pb2.ModelInferRequest":
@@ -206,11 +250,7 @@ def infer_request(
         array = np.ascontiguousarray(array)
         datatype = np_to_triton_dtype(array.dtype)
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if datatype == "BYTES":
-            serialized = serialize_byte_tensor(array)  # a 0-d object array holding the bytes
-            raw = serialized.item() if serialized.size else b""
-        else:
-            raw = array.tobytes()
+        raw = serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes()
         request.raw_input_contents.append(raw)
     for name in output_names:
         request.outputs.add(name=name)

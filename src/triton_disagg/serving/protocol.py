@@ -225,27 +225,6 @@ def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck | Expert
     return WorkerGenerate(parsed.prompt_token_ids, dataclasses.replace(parsed.params, max_tokens=1))
 
 
-def prompt_arrays(prompt_token_ids: list[int], params: SamplingParams, with_max_tokens: bool = True) -> dict[str, np.ndarray]:
-    """A worker request's prompt and sampling inputs by name (`max_tokens` left out for a prefill worker)."""
-    arrays = {
-        "input_ids": np.array(prompt_token_ids, dtype=np.int32),
-        "temperature": np.array([params.temperature], dtype=np.float32),
-        "top_k": np.array([params.top_k], dtype=np.int32),
-        "top_p": np.array([params.top_p], dtype=np.float32),
-        "ignore_eos": np.array([params.ignore_eos], dtype=np.bool_),
-    }
-    if with_max_tokens:
-        arrays["max_tokens"] = np.array([params.max_tokens], dtype=np.int32)
-    if params.seed is not None:
-        arrays["seed"] = np.array([params.seed], dtype=np.uint64)
-    return arrays
-
-
-def text_array(text: str) -> np.ndarray:
-    """A one-element BYTES input holding `text` as UTF-8."""
-    return np.array([text.encode("utf-8")], dtype=np.object_)
-
-
 def parse_routing_mode(text: str | None) -> RoutingMode | None:
     """A request's routing mode; empty or absent keeps the router's configured mode. Raises InvalidRequest."""
     text = (text or "").strip().lower()

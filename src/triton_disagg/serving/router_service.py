@@ -38,8 +38,8 @@ from triton_disagg.serving.live_workers import (
     split_workers,
     worker_loads,
 )
-from triton_disagg.serving.model_calls import BlsCalls
-from triton_disagg.serving.protocol import parse_routing_mode, text_array
+from triton_disagg.serving.model_calls import ModelCalls
+from triton_disagg.serving.protocol import parse_routing_mode
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
 from triton_disagg.serving.worker_servers import ServerAddress, WorkerLocations, describe_worker
 from triton_disagg.router.config import RouterConfig, RoutingMode
@@ -374,22 +374,17 @@ class RouterService:
 
 
 class RouterClient:
-    """`llm`'s side: calls its `router` model (`model_name`) through BLS."""
+    """`llm`'s side: calls the `router` model."""
 
-    def __init__(self, model_name: str = ROUTER_MODEL) -> None:
-        self.model_name = model_name
-        self._calls = BlsCalls()
+    def __init__(self, calls: ModelCalls) -> None:
+        self._calls = calls
 
     def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
         """The router's choice. Raises ServiceUnavailable (with the router's reason) when none can take it."""
-        inputs = {
-            "action": text_array("route"),
-            "request_id": text_array(request_id),
-            "input_ids": np.array(prompt_token_ids, dtype=np.int32),
-        }
+        inputs = {"action": _text("route"), "request_id": _text(request_id), "input_ids": np.array(prompt_token_ids, dtype=np.int32)}
         if routing_mode:
-            inputs["routing_mode"] = text_array(routing_mode)
-        response = self._call(inputs, ROUTE_OUTPUT_NAMES)
+            inputs["routing_mode"] = _text(routing_mode)
+        response = self._call(inputs, list(ROUTE_OUTPUT_NAMES))
         output = {name: response.output(name).reshape(-1)[0] for name in ROUTE_OUTPUT_NAMES}
         if output["unavailable_reason"]:
             raise ServiceUnavailable(output["unavailable_reason"].decode(), output["unavailable_detail"].decode())
@@ -403,18 +398,22 @@ class RouterClient:
         )
 
     def first_token(self, request_id: str) -> None:
-        self._call({"action": text_array("first_token"), "request_id": text_array(request_id)}, ())
+        self._call({"action": _text("first_token"), "request_id": _text(request_id)}, [])
 
     def complete(self, request_id: str) -> None:
-        self._call({"action": text_array("complete"), "request_id": text_array(request_id)}, ())
+        self._call({"action": _text("complete"), "request_id": _text(request_id)}, [])
 
     def worker_failed(self, worker_name: str) -> None:
-        self._call({"action": text_array("worker_failed"), "worker_name": text_array(worker_name)}, ())
+        self._call({"action": _text("worker_failed"), "worker_name": _text(worker_name)}, [])
 
     def _call(self, inputs, output_names):
-        response = self._calls.call(self.model_name, inputs, output_names)
+        response = self._calls.call(ROUTER_MODEL, inputs, output_names)
         if response.has_error:
-            if response.error_code == pb_utils.TritonError.INVALID_ARG:
+            if response.error_code == "INVALID_ARG":
                 raise InvalidRequest(response.error_message)
             raise RuntimeError(f"router: {response.error_message}")
         return response
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)

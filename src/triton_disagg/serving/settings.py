@@ -34,6 +34,9 @@ class LLMSettings:
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
     #: Largest max_tokens a request may ask for (None: only the context window limits it).
     max_tokens_limit: int | None = None
+    #: This server's gRPC endpoint ("host:port") that calls to the router and the workers go through;
+    #: empty: BLS.
+    grpc_url: str = ""
 
     @property
     def tokenizer_path(self) -> Path:
@@ -42,25 +45,31 @@ class LLMSettings:
 
 @dataclass(slots=True, frozen=True)
 class WorkerNetwork:
-    """Where a worker publishes its KV events and finds the KV directory.
+    """How a worker reaches the other models, and where it publishes its KV events.
 
     A worker of the entry server (the one running the router and the KV directory) publishes on
-    ipc sockets in `kv_events_dir` and calls the directory through BLS; a worker of another server
-    publishes over TCP on `kv_events_host` and calls the directory at `directory_url` over gRPC.
+    ipc sockets in `kv_events_dir` and calls the directory in its own server; a worker of another
+    server publishes over TCP on `kv_events_host` and calls the directory at `directory_url`,
+    registering there with its own server's `grpc_url`.
     """
 
+    #: This server's gRPC endpoint ("host:port"), for calls to other models (""; BLS; see `serving.model_calls`).
+    grpc_url: str = ""
     #: Folder of the KV events' ipc sockets; "" with kv_events_host, or to publish none.
     kv_events_dir: str = ""
     #: Address to publish KV events on over TCP (this server's address, as the router reaches it).
     kv_events_host: str = ""
-    #: gRPC endpoint ("host:port") of the entry server; "": this server.
+    #: gRPC endpoint ("host:port") of the entry server, in a worker server; "": this server is the entry.
     directory_url: str = ""
-    #: This server's gRPC endpoint as other servers reach it; what the worker registers in the directory.
-    server_url: str = ""
+
+    @property
+    def server_url(self) -> str:
+        """What the worker registers in the KV directory as its server: "" in the entry server."""
+        return self.grpc_url if self.directory_url else ""
 
 
 def worker_network(parameters: Mapping[str, str]) -> WorkerNetwork:
-    """A worker model's `kv_events_dir`, `kv_events_host`, `directory_url` and `server_url` parameters."""
+    """A worker model's `grpc_url`, `kv_events_dir`, `kv_events_host` and `directory_url` parameters."""
     return WorkerNetwork(**{name: parameters.get(name, "").strip() for name in WorkerNetwork.__dataclass_fields__})
 
 
@@ -96,6 +105,7 @@ def llm_settings(parameters: Mapping[str, str]) -> LLMSettings:
         route_wait_s=DEFAULT_ROUTE_WAIT_S if route_wait_s is None else route_wait_s,
         migration_limit=DEFAULT_MIGRATION_LIMIT if migration_limit is None else migration_limit,
         max_tokens_limit=_optional_int(parameters, "max_tokens_limit"),
+        grpc_url=grpc_url(parameters),
     )
 
 
@@ -177,3 +187,11 @@ def _optional_count(parameters: Mapping[str, str], name: str) -> int | None:
     if not raw.isdigit():
         raise ValueError(f"parameter {name} must be an integer >= 0, got {raw!r}")
     return int(raw)
+
+
+def grpc_url(parameters: Mapping[str, str]) -> str:
+    """This server's gRPC endpoint ("host:port") from a model's `grpc_url` parameter; "" (BLS) when unset.
+
+    Calls between the models go through it (see `serving.model_calls` for why not BLS).
+    """
+    return parameters.get("grpc_url", "").strip()

@@ -9,7 +9,6 @@ import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.params import SamplingParams
 from triton_disagg.errors import InvalidRequest, ServiceUnavailable
-from triton_disagg.serving.protocol import prompt_arrays
 
 
 def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
@@ -21,11 +20,6 @@ def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
     return inputs
 
 
-def read_output(response, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_output_tensor_by_name(response, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
 def bytes_tensor(name: str, text: str) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
@@ -35,9 +29,25 @@ def int32_tensor(name: str, values: int | Iterable[int]) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, array)
 
 
-def prompt_tensors(prompt_token_ids: list[int], params: SamplingParams, with_max_tokens: bool = True) -> list:
-    """A worker request's prompt and sampling inputs (`max_tokens` left out for a prefill worker)."""
-    return [pb_utils.Tensor(name, array) for name, array in prompt_arrays(prompt_token_ids, params, with_max_tokens).items()]
+def prompt_arrays(prompt_token_ids: list[int], params: SamplingParams, with_max_tokens: bool = True) -> dict[str, np.ndarray]:
+    """A worker request's prompt and sampling inputs by name (`max_tokens` left out for a prefill worker)."""
+    arrays = {
+        "input_ids": np.array(prompt_token_ids, dtype=np.int32),
+        "temperature": np.array([params.temperature], dtype=np.float32),
+        "top_k": np.array([params.top_k], dtype=np.int32),
+        "top_p": np.array([params.top_p], dtype=np.float32),
+        "ignore_eos": np.array([params.ignore_eos], dtype=np.bool_),
+    }
+    if with_max_tokens:
+        arrays["max_tokens"] = np.array([params.max_tokens], dtype=np.int32)
+    if params.seed is not None:
+        arrays["seed"] = np.array([params.seed], dtype=np.uint64)
+    return arrays
+
+
+def triton_error(message: str, code_name: str | None) -> "pb_utils.TritonError":
+    """A TritonError from a message and a code by name (`serving.model_calls`); INTERNAL when unnamed."""
+    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code_name or "INTERNAL", pb_utils.TritonError.INTERNAL))
 
 
 def error_response(error: Exception) -> "pb_utils.InferenceResponse":

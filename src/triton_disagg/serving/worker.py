@@ -16,6 +16,7 @@ from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import InvalidRequest, RequestOutput
 from triton_disagg.serving.kv_directory import DirectoryClient
+from triton_disagg.serving.model_calls import calls_to
 from triton_disagg.serving.live_workers import kv_event_endpoints
 from triton_disagg.serving.metrics import WorkerMetrics
 from triton_disagg.serving.moe_metrics import MoeMetrics
@@ -31,7 +32,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two attempts to register with a KV directory on another server.
+#: Seconds between two attempts to register with the KV directory of the entry server.
 REGISTER_RETRY_S = 1.0
 
 
@@ -43,8 +44,8 @@ class EngineService:
     """
 
     def __init__(self, config: EngineConfig, model_name: str, network: WorkerNetwork = WorkerNetwork(), use_nixl: bool = True) -> None:
-        """`network`: where the KV events are published (none when it names no place) and where the KV
-        directory is (see `WorkerNetwork`).
+        """`network`: how the worker calls other models (its server's gRPC endpoint), where its KV events
+        are published (none when it names no place) and where the KV directory is (see `WorkerNetwork`).
 
         A disk tier (`config.kv_disk_path`) gets a folder per worker under it, named for the model.
         """
@@ -62,10 +63,11 @@ class EngineService:
         self.metrics = WorkerMetrics(model_name, self.engine)
         self.tier_metrics = TierMetrics(model_name, self.engine)
         self.moe_metrics = MoeMetrics(model_name, self.engine.eplb) if self.engine.eplb is not None else None
-        self.directory = DirectoryClient(network.directory_url)
+        self.calls = calls_to(network.grpc_url)
+        self.directory = DirectoryClient(calls_to(network.directory_url) if network.directory_url else self.calls)
         self.publisher = None
         if network.kv_events_host:
-            # Wildcard ports: the router asks the worker where they are (`describe`).
+            # Ports chosen at bind: the router asks the worker where they are (`describe`).
             any_port = f"tcp://{network.kv_events_host}:*"
             self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(any_port, any_port))
         elif network.kv_events_dir:
@@ -77,7 +79,7 @@ class EngineService:
         self._register_lock = threading.Lock()
         self._stop_registering = threading.Event()
         if use_nixl and network.directory_url:
-            # A directory on another server is reached over gRPC, which is safe before the first request:
+            # The entry server's directory is reached over gRPC, which is safe before the first request:
             # register now, so a decode worker finds this one before it ever served.
             threading.Thread(target=self._register_until_done, name=f"register-{model_name}", daemon=True).start()
 

@@ -19,14 +19,11 @@ checks what the issue of a reliable server asks for:
 It prints a table and writes JSON. `run_soak` is what the test suite calls
 for its short version against a server it already runs.
 
-Found with it: under this load an `llm` stub sometimes crashes ("double
-free or corruption", "malloc(): unaligned fastbin chunk" in the server log,
-a segfault in libpython), most often at the moment a decode worker's stub
-is killed or its replacement loads, but also before any fault. The cause
-is not found yet. The requests in flight on that `llm` stub hang (Triton
-fails none of them), and every later request given to it is refused ("Stub
-process 'llm_0_0' is not healthy") until `llm` is loaded again, which the
-supervisor does. The report counts such stubs in `crashed_stubs`.
+Found with it: an `llm` stub that made its calls through BLS crashed
+within minutes under this load (heap corruption inside Triton 2.51's Python
+backend; see `serving.model_calls`), hanging its requests in flight. The
+models now call one another over gRPC; the report still counts stubs that
+died unasked in `crashed_stubs`.
 """
 
 from __future__ import annotations

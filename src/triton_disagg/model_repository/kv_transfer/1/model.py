@@ -1,5 +1,6 @@
 """Triton model `kv_transfer`: the KV directory; see src/triton_disagg/serving/kv_directory.py."""
 
+import faulthandler
 import json
 import os
 
@@ -10,6 +11,7 @@ from triton_disagg.serving.settings import model_parameters
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash of this stub leaves every thread's stack in the server log
         parameters = model_parameters(json.loads(args["model_config"]))
         host = parameters.get("server_host") or "localhost"
         self._service = DirectoryService(

@@ -1,5 +1,6 @@
 """Triton model `router`: KV-aware worker choice; see src/triton_disagg/serving/router_service.py."""
 
+import faulthandler
 import json
 import os
 
@@ -11,6 +12,7 @@ from triton_disagg.router.config import RouterConfig
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash of this stub leaves every thread's stack in the server log
         parameters = model_parameters(json.loads(args["model_config"]))
         host = parameters.get("server_host") or "localhost"
         self._service = RouterService(
