@@ -138,9 +138,13 @@ def test_a_decode_server_killed_mid_stream_loses_no_request(group, entry, client
     assert greedy(entry, "after the kill") == greedy(client, "after the kill")
 
 
-def test_with_every_decode_worker_gone_the_answer_names_the_server_that_does_not_answer(group, entry):
-    """Last in this module: decode_0 is unloaded too. The entry server keeps serving, and says why."""
-    decode_server = group.worker_servers[1]
+def test_with_the_worker_servers_gone_the_entry_serves_then_names_the_servers_that_do_not_answer(group, entry, client):
+    """Last in this module. The prefill server dies too: a long prompt is prefilled by decode_0 (entry
+    server), token-exact. Then decode_0 is unloaded: the answer names both servers that do not answer."""
+    prefill_server, decode_server = group.worker_servers
+    os.killpg(prefill_server.pid, signal.SIGKILL)
+    prompt = SHARED_PREFIX + "prefilled where the decode worker is, now."
+    assert greedy(entry, prompt) == greedy(client, prompt)
     control = ModelControl(group.entry.http_url)
     try:
         control.unload("decode_0")
@@ -152,7 +156,8 @@ def test_with_every_decode_worker_gone_the_answer_names_the_server_that_does_not
         assert response.status_code == 400  # Triton's generate endpoint answers every model error with 400
         return response.json()["error"]
 
-    # The decode server's workers leave the router once it has not answered for 3 s.
-    expected = f"unavailable (no_workers): no decode worker is loaded; the Triton servers at {decode_server.grpc_url} do not answer"
+    # A worker server's workers leave the router once it has not answered for 3 s.
+    urls = ", ".join(server.grpc_url for server in (prefill_server, decode_server))
+    expected = f"unavailable (no_workers): no decode worker is loaded; the Triton servers at {urls} do not answer"
     assert wait_for(lambda: answer().startswith(expected), 30), answer()
     assert group.entry.is_running()
