@@ -15,6 +15,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from triton_disagg.checkpoint import make_model
 from triton_disagg.launch.server import ServerConfig, TritonServer, free_ports
+from triton_disagg.model_control import ModelControl
 
 #: Small enough that a leak shows, large enough for 16 concurrent requests.
 NUM_BLOCKS = 256
@@ -63,10 +64,26 @@ def two_decoders(tmp_path_factory, model_path) -> Iterator["Client"]:
 
 
 @pytest.fixture(scope="session")
-def one_decoder(tmp_path_factory, model_path) -> Iterator["Client"]:
-    """One decode worker and no prefill worker: a pool for the planner's connector to grow and shrink."""
+def _one_decoder_server(tmp_path_factory, model_path) -> Iterator["Client"]:
     with _start(tmp_path_factory, model_path, prefill_workers=0, decode_workers=1) as running:
         yield Client(running)
+
+
+@pytest.fixture
+def one_decoder(_one_decoder_server) -> Iterator["Client"]:
+    """One decode worker and no prefill worker: a pool for the planner's connector to grow and shrink.
+
+    Each test gets the pool back as it was: a worker a failed test left loaded is unloaded after it,
+    so one failure does not turn into failures of the tests after it.
+    """
+    yield _one_decoder_server
+    control = ModelControl(_one_decoder_server.server.http_url)
+    try:
+        for name in control.ready_models():
+            if re.fullmatch(r"(prefill|decode)_\d+", name) and name != "decode_0":
+                control.unload(name)
+    finally:
+        control.close()
 
 
 @pytest.fixture(scope="session")

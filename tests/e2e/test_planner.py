@@ -44,7 +44,12 @@ LLM_COUNTERS = (
 )
 
 
+#: The timeouts below only bound a hang; on a loaded 2-core machine workers load slowly.
+HANG_FACTOR = 3
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    timeout_s *= HANG_FACTOR
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
