@@ -1,4 +1,4 @@
-"""The `llm` entry model's request path: text in, tokens from the worker (BLS, or gRPC to another server), text out.
+"""The `llm` entry model's request path: text in, tokens from a worker (of this server or another), text out.
 
 A request waits up to `route_wait_s` for a routable decode worker (at start,
 or while every worker is being replaced) before it is answered UNAVAILABLE.

@@ -6,10 +6,10 @@ and a stream already open just stops), it was unloaded (new requests find
 no such model; requests in flight end with finish reason "abort" that
 nobody asked for), it stopped answering, or the Triton server it runs in
 on another host went away (its gRPC calls fail: "Triton server
-unreachable"). Each of these is the server's fault, not the client's, so the
-request continues on another decode worker from its prompt plus every token
-already streamed to the client, asking for the tokens still missing. The client's stream neither repeats nor loses a
-token; with greedy sampling the text equals an uninterrupted run (a seeded
+unreachable"). Each of these is the server's fault, not the client's, so
+the request continues on another decode worker from its prompt plus every
+token already streamed to the client, asking for the tokens still missing.
+The client's stream neither repeats nor loses a token; with greedy sampling the text equals an uninterrupted run (a seeded
 sampler restarts on the new worker, so seeded output may differ).
 
 Nothing here calls Triton: `llm` feeds in what it saw, whether the worker runs
