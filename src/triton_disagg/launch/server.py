@@ -204,19 +204,12 @@ class ServerConfig:
             raise ValueError("model_control_key must be non-empty printable ASCII without spaces (it is sent as a header)")
 
 
-class ChildProcess:
-    """What a child process we start has in common: a log, and use as a context manager.
+class Startable:
+    """Use as a context manager: start(), wait_ready(), and stop() on leaving (or when it never got ready).
 
     Subclasses define start() (spawn, return at once), wait_ready() (block until
-    it serves; raise if it cannot) and stop() (end it, idempotent), and set log_path.
+    it serves; raise if it cannot) and stop() (end it, idempotent).
     """
-
-    log_path: Path
-
-    def log_tail(self, num_lines: int = 40) -> str:
-        if not self.log_path.is_file():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def __enter__(self):
         self.start()
@@ -229,6 +222,20 @@ class ChildProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class ChildProcess(Startable):
+    """What a child process we start has in common: a log, and use as a context manager.
+
+    Subclasses define start(), wait_ready() and stop() (see Startable), and set log_path.
+    """
+
+    log_path: Path
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
 
 @dataclass(slots=True, frozen=True)

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import requests
 
-from triton_disagg.launch.server import ServerConfig, ServerError, TritonServer
+from triton_disagg.launch.server import ServerConfig, ServerError, Startable, TritonServer
 from triton_disagg.serving.worker_servers import ServerAddress
 
 
-class ServerGroup:
+class ServerGroup(Startable):
     """An entry server and its worker servers, started and stopped together. Use as a context manager,
     or call `start()`, `wait_ready()` and `stop()`."""
 
@@ -74,18 +74,6 @@ class ServerGroup:
         """Stop the worker servers, then the entry server."""
         for server in reversed(self.servers):
             server.stop()
-
-    def __enter__(self) -> ServerGroup:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def server_address(config: ServerConfig) -> ServerAddress:
