@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from triton_disagg.tools.report import write_report
+
 #: Per-block shapes (layers, K/V, tokens, KV heads, head dim) and dtypes.
 LAYOUTS = {
     "tiny-llama (default model)": ((4, 2, 16, 2, 32), torch.float32),
@@ -311,11 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 
         model = args.model or make_model(Path(tempfile.mkdtemp()) / "tiny-llama")
         results["serving"] = bench_serving(model, args.concurrency, args.requests, args.prompt_tokens, args.max_tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_tables(results)
-    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    write_report(results, args.out, plot, print_tables)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from triton_disagg.engine.async_engine import EngineThread
 from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import SamplingParams
+from triton_disagg.tools.report import write_report
 
 
 def progress(message: str) -> None:
@@ -243,11 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     results["decode"] = bench_decode(model_path, device, args.decode_batch, args.decode_context, args.decode_steps)
     if not args.skip_served:
         results["served"] = bench_served(model_path, device, args.served_prompt_tokens, args.served_max_tokens, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_table(results)
-    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    write_report(results, args.out, plot, print_table)
 
 
 if __name__ == "__main__":

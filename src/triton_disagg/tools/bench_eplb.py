@@ -28,7 +28,6 @@ and writes `<out>.json` and `<out>.png` (a heat map of expert load per layer).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -44,6 +43,7 @@ from triton_disagg.engine.eplb import decide_rebalance, initial_placement, rebal
 from triton_disagg.engine.expert_parallel import RankReport
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import SamplingParams
+from triton_disagg.tools.report import write_report
 
 CANDIDATE_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789 .,"
 
@@ -290,11 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     for redundant in (int(r) for r in args.redundant.split(",")):
         results["runs"].append(bench_redundancy(model_path, args.device, args.ranks, redundant, prompts, params))
     results["planner_sweep"] = planner_sweep(torch.tensor(results["runs"][0]["load"], dtype=torch.float64), args.ranks)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_table(results)
-    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    write_report(results, args.out, plot, print_table)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ within 5 ms plus the transfer) and writes `<out>.json` and `<out>.png`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from triton_disagg.launch.server import ServerConfig, free_ports
 from triton_disagg.launch.server_group import ServerGroup
 from triton_disagg.tools.bench_disagg import _load  # streamed load with TTFT/ITL percentiles
+from triton_disagg.tools.report import write_report
 
 LAYOUTS = ("one server", "three servers")
 
@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench(model, args.concurrency, args.requests, args.prompt_tokens, args.max_tokens)
     settings = {"requests": args.requests, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
     results = {"settings": settings, "rows": rows, "ratios": ratios(rows)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out.with_suffix(".png"))
-    print_table(results)
-    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    write_report(results, args.out, plot, print_table)
 
 
 if __name__ == "__main__":
