@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from triton_disagg.tools.bench_disagg import _stream  # streamed request with TTFT/ITL capture
+from triton_disagg.tools.replay_trace import DEFAULT_TRACE  # the shared trace next to the checkout
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 BLOCK_SIZE = 16
 
 
