@@ -81,6 +81,7 @@ def test_a_server_on_its_own_address_binds_and_is_reached_there(tmp_path):
 @pytest.mark.parametrize(
     ("example", "message"),
     [
+        ("local-multi-server.yaml", "servers: 3 Triton servers; serving across several servers is not supported yet"),
         ("multi-node-tp.yaml", "models: 2 models side by side are not supported yet"),
         ("one-node-8gpu.yaml", "models[0].pools[0].parallelism.tensor_parallel_size: the engine has no tensor parallelism yet"),
     ],
@@ -88,35 +89,6 @@ def test_a_server_on_its_own_address_binds_and_is_reached_there(tmp_path):
 def test_what_one_server_cannot_run_is_refused_naming_the_field(example, message):
     with pytest.raises(NotSupportedYet, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_runs_on_one_machine(load_spec(EXAMPLES_DIR / example))
-
-
-def test_the_multi_server_spec_maps_onto_an_entry_server_and_two_worker_servers(tmp_path):
-    local = local_deployment(load_spec(EXAMPLES_DIR / "local-multi-server.yaml"), model_path=tmp_path, run_dir=tmp_path / "run")
-    entry, (prefill, decode) = local.server, local.worker_servers
-    assert (entry.host, entry.is_entry, entry.has_worker_servers, entry.worker_names) == ("127.0.0.1", True, True, [])
-    assert (entry.run_dir, prefill.run_dir, decode.run_dir) == (tmp_path / "run" / "entry", tmp_path / "run" / "prefill", tmp_path / "run" / "decode")
-    assert (prefill.host, prefill.entry_grpc_url, prefill.worker_names) == ("127.0.0.2", "127.0.0.1:8001", ["prefill_0"])
-    assert (decode.host, decode.entry_grpc_url, decode.worker_names, decode.num_blocks) == ("127.0.0.3", "127.0.0.1:8001", ["decode_0"], 512)
-    assert (prefill.num_blocks, decode.min_remote_prefill_tokens) == (None, 32)
-    assert (local.frontend.triton_url, local.frontend.port, local.planner_args) == ("127.0.0.1:8001", 8080, None)
-
-
-def test_multi_server_specs_the_launcher_cannot_run_are_refused_naming_the_field():
-    data = yaml.safe_load((EXAMPLES_DIR / "local-multi-server.yaml").read_text())
-    data["models"][0]["planner"] = {"policy": "load"}
-    with pytest.raises(NotSupportedYet, match=r"models\[0\]\.planner: a planner of pools in several Triton servers"):
-        check_runs_on_one_machine(parse_spec(data))
-    data["models"][0]["planner"] = {"policy": "off"}
-    data["models"][0]["pools"][0]["server"] = "decode"
-    with pytest.raises(ValueError, match=r"servers\[1\]: no pool runs in server 'prefill'; give it a pool or remove it"):
-        check_runs_on_one_machine(parse_spec(data))
-
-
-def test_a_worker_server_needs_an_address_of_its_own(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    config = ServerConfig(model_path=tmp_path, entry_grpc_url="127.0.0.1:8001", decode_workers=1)
-    with pytest.raises(ValueError, match="host: a worker server is reached by the entry server at its own address"):
-        config.validate()
 
 
 def test_pools_with_different_kv_settings_are_refused():
@@ -166,8 +138,8 @@ def test_serve_flags_pick_the_model_spec_then_flag(tmp_path):
 def test_serve_exits_naming_what_it_cannot_run(capsys):
     from triton_disagg.cli.main import main
 
-    assert main(["serve", "--deployment", str(EXAMPLES_DIR / "multi-node-tp.yaml")]) == 1
-    assert "models: 2 models side by side are not supported yet" in capsys.readouterr().err
+    assert main(["serve", "--deployment", str(EXAMPLES_DIR / "local-multi-server.yaml")]) == 1
+    assert "servers: 3 Triton servers; serving across several servers is not supported yet" in capsys.readouterr().err
     assert main(["serve", "--component", "entry"]) == 1
     assert "--component and --worker-id name a part of a deployment: pass --deployment FILE too" in capsys.readouterr().err
 

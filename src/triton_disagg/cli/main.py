@@ -27,8 +27,7 @@ from triton_disagg.launch.deployment import add_deployment_flags
 from triton_disagg.launch.flags import EnvFlags, add_serve_flags, default_model, int_list, server_config
 from triton_disagg.launch.frontend import FrontendProcess, add_frontend_flags, frontend_config
 from triton_disagg.launch.planner import PlannerProcess
-from triton_disagg.launch.server import ServerError
-from triton_disagg.launch.server_group import ServerGroup
+from triton_disagg.launch.server import ServerError, TritonServer
 from triton_disagg.launch.supervisor import StubSupervisor
 from triton_disagg.serving.settings import DEFAULT_MODEL_PATH
 
@@ -51,14 +50,12 @@ def serve(args: argparse.Namespace) -> int:
         from triton_disagg.cli.deploy import deployment_for_serve
 
         local = deployment_for_serve(args)
-        group = ServerGroup(local.server, local.worker_servers)
-        server = group.entry
+        server = TritonServer(local.server)
         frontend = None if local.frontend is None else FrontendProcess(local.frontend, server.run_dir / "frontend.log")
         if local.planner_args is not None:
             planner = PlannerProcess(local.planner_args, server.run_dir / "planner.log", local.server.model_control_key)
     else:
-        group = ServerGroup(server_config(args))
-        server = group.entry
+        server = TritonServer(server_config(args))
         frontend = None
         if args.frontend_port:
             frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
@@ -67,18 +64,17 @@ def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_keyboard_interrupt)
     try:
-        group.start()
-        for started in group.servers:
-            print(f"starting tritonserver (pid {started.pid}); log: {started.log_path}", flush=True)
-        group.wait_ready(args.ready_timeout_s)
+        server.start()
+        print(f"starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
+        server.wait_ready(args.ready_timeout_s)
         if frontend is not None:
             frontend.start()
             frontend.wait_ready(args.ready_timeout_s)
         if planner is not None:
             planner.start()
             planner.wait_ready(args.ready_timeout_s)
-        _print_endpoints(group, frontend, planner)
-        return _wait_for_exit(group, frontend, planner)
+        _print_endpoints(server, frontend, planner)
+        return _wait_for_exit(server, frontend, planner)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0
@@ -87,23 +83,22 @@ def serve(args: argparse.Namespace) -> int:
             planner.stop()
         if frontend is not None:
             frontend.stop()
-        group.stop()
+        server.stop()
 
 
-def _wait_for_exit(group: ServerGroup, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> int:
-    """Block until a server, the frontend or the planner exits on its own; say which, and return a failing code.
+def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> int:
+    """Block until the server, the frontend or the planner exits on its own; say which, and return a failing code.
 
     Meanwhile, a model whose Python stub died is loaded again (see launch.supervisor).
     """
-    supervisors = [StubSupervisor(s.http_url, s.run_dir, s.model_control_headers) for s in group.servers]
+    supervisor = StubSupervisor(server.http_url, server.run_dir, server.model_control_headers)
     while True:
-        for supervisor in supervisors:
-            try:
-                for model in supervisor.check():
-                    print(f"a Python stub of {model} died; loaded {model} again", flush=True)
-            except Exception as exc:  # noqa: BLE001 - the server may be stopping; its exit is noticed below
-                print(f"could not check the server's models: {exc}", flush=True)
-        if (server := group.first_exited()) is not None:
+        try:
+            for model in supervisor.check():
+                print(f"a Python stub of {model} died; loaded {model} again", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the server may be stopping; its exit is noticed below
+            print(f"could not check the server's models: {exc}", flush=True)
+        if not server.is_running():
             code = server.wait()
             print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")
             return code or 1
@@ -162,11 +157,8 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_endpoints(group: ServerGroup, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> None:
-    server = group.entry
-    lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(group.worker_names)}"]
-    for worker_server in group.worker_servers:
-        lines.append(f"  worker server {worker_server.grpc_url}: {', '.join(worker_server.worker_names)}")
+def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> None:
+    lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(server.worker_names)}"]
     if frontend is not None:
         lines.append(f"  OpenAI   {frontend.url}/v1  (log: {frontend.log_path})")
     if planner is not None:

@@ -1,14 +1,12 @@
 """`serve --deployment FILE`: what a deployment spec asks of this machine, as launcher settings.
 
-`local_deployment` maps a spec onto the launcher: a `ServerConfig` (ports,
-pools, router, KV) for the entry server and one for each worker server, the
-frontend's `FrontendConfig`, and the arguments of the planner to run next to
-them. It serves one model, in one Triton server or across several (each
-server's workers in it, every server on its own address or ports); a spec
-that needs more (several models, tensor parallelism, pools of one server
-whose KV settings or expert parallelism differ, a planner across servers) is
-refused with `NotSupportedYet` naming the field. Resources and placement
-only matter on Kubernetes (`triton-disagg deploy render`).
+`local_deployment` maps a spec onto the launcher: one `ServerConfig` (ports,
+pools, router, KV), the frontend's `FrontendConfig`, and the arguments of the
+planner to run next to them. It serves a spec of one Triton server and one
+model; a spec that needs more (several servers or models, tensor parallelism,
+pools whose KV settings or expert parallelism differ) is refused with
+`NotSupportedYet` naming the field. Resources and placement only matter on
+Kubernetes (`triton-disagg deploy render`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triton_disagg.deploy.kubernetes import planner_policy_args
-from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Role, ServerSpec
+from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, Role
 from triton_disagg.frontend.config import FrontendConfig
 from triton_disagg.launch.server import DEFAULT_RUN_DIR, ServerConfig
 
@@ -37,16 +35,13 @@ class NotSupportedYet(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class LocalDeployment:
-    """What `serve --deployment` starts: the entry server, the worker servers, the frontend, and a planner."""
+    """What `serve --deployment` starts: one server, its frontend, and a planner."""
 
-    #: The entry server (llm, router, KV directory; the frontend's Triton).
     server: ServerConfig
     #: None when the spec's frontend port is 0.
     frontend: FrontendConfig | None
     #: `triton-disagg plan` arguments; None when the model's planner is off.
     planner_args: tuple[str, ...] | None
-    #: Servers running only workers of the entry server's router, in spec order.
-    worker_servers: tuple[ServerConfig, ...] = ()
 
 
 def check_runs_on_one_machine(spec: DeploymentSpec, component: str | None = None) -> None:
@@ -59,6 +54,11 @@ def check_runs_on_one_machine(spec: DeploymentSpec, component: str | None = None
             f"--component {component}: running one part of a deployment whose parts run in separate Triton servers "
             "(the Kubernetes pods) is not supported yet; serve the whole spec on one machine without --component"
         )
+    if len(spec.servers) > 1:
+        raise NotSupportedYet(
+            f"servers: {len(spec.servers)} Triton servers; serving across several servers is not supported yet "
+            "(declare one server)"
+        )
     if len(spec.models) > 1:
         raise NotSupportedYet(f"models: {len(spec.models)} models side by side are not supported yet on one machine (declare one)")
     model = spec.models[0]
@@ -67,33 +67,19 @@ def check_runs_on_one_machine(spec: DeploymentSpec, component: str | None = None
         for field in ("nodes_per_replica", "tensor_parallel_size"):
             if getattr(pool.parallelism, field) > 1:
                 raise NotSupportedYet(f"{at}.{field}: the engine has no tensor parallelism yet; {field} > 1 is not supported")
-    for server in spec.servers:
-        _shared_settings(spec, model, server)
-        if server is not spec.entry_server and not _pools_in(spec, model, server):
-            i = spec.servers.index(server)
-            raise ValueError(f"servers[{i}]: no pool runs in server {server.name!r}; give it a pool or remove it")
+    _shared_settings(model)
     if model.planner.policy != "off" and model.planner.connector == "kubernetes":
         raise ValueError(
             "models[0].planner.connector: kubernetes scales StatefulSets; on one machine use triton or auto"
         )
-    if model.planner.policy != "off" and len(spec.servers) > 1:
-        raise NotSupportedYet(
-            "models[0].planner: a planner of pools in several Triton servers is not supported yet on one machine; "
-            "set policy: off, or declare one server"
-        )
 
 
-def _pools_in(spec: DeploymentSpec, model: ModelSpec, server: ServerSpec) -> list[tuple[int, PoolSpec]]:
-    """The pools (with their index) whose workers run in `server`."""
-    return [(p, pool) for p, pool in enumerate(model.pools) if spec.pool_server(pool) is server]
-
-
-def _shared_settings(spec: DeploymentSpec, model: ModelSpec, server: ServerSpec) -> dict[str, object]:
-    """The KV settings and expert parallelism every pool of `server` shares (one ServerConfig holds them),
-    by ServerConfig field; NotSupportedYet when pools differ."""
+def _shared_settings(model: ModelSpec) -> dict[str, object]:
+    """The KV settings and expert parallelism every pool shares (one ServerConfig holds them), by
+    ServerConfig field; NotSupportedYet when pools differ."""
     shared: dict[str, object] = {}
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    for p, pool in _pools_in(spec, model, server):
+    for p, pool in enumerate(model.pools):
         ep_size = pool.parallelism.expert_parallel_size
         if shared.setdefault("ep_size", ep_size) != ep_size:
             raise NotSupportedYet(
@@ -120,59 +106,51 @@ def local_deployment(
     api_keys: tuple[str, ...] = (),
     **server_overrides,
 ) -> LocalDeployment:
-    """The launcher settings of a one-model spec (`model_path` already resolved: spec, flag or default).
+    """The launcher settings of a one-server, one-model spec (`model_path` already resolved: spec, flag or default).
 
-    With one server, its run directory is `run_dir`; with several, each server's is `run_dir/<name>`.
     `server_overrides` set ServerConfig fields the spec does not describe (tritonserver, model_control_key).
     Raises NotSupportedYet or ValueError as check_runs_on_one_machine.
     """
     check_runs_on_one_machine(spec)
     model = spec.models[0]
-    entry = spec.entry_server
-    configs = {}
-    for server in spec.servers:
-        pools = [pool for _, pool in _pools_in(spec, model, server)]
-        prefill = [pool for pool in pools if pool.role is Role.PREFILL]
-        decode = [pool for pool in pools if pool.role is not Role.PREFILL]
-        optional = {field: value for field, value in _shared_settings(spec, model, server).items() if value is not None}
-        if decode and decode[0].max_num_batched_tokens is not None:
-            optional["max_num_batched_tokens"] = decode[0].max_num_batched_tokens
-        configs[server.name] = ServerConfig(
-            model_path=Path(model_path),
-            run_dir=Path(run_dir) if len(spec.servers) == 1 else Path(run_dir) / server.name,
-            host=server.address,
-            http_port=server.http_port,
-            grpc_port=server.grpc_port,
-            metrics_port=server.metrics_port,
-            block_size=model.block_size,
-            prefill_max_num_batched_tokens=prefill[0].max_num_batched_tokens if prefill else None,
-            max_model_len=model.max_model_len,
-            llm_instances=model.llm_instances,
-            prefill_workers=prefill[0].replicas.num_initial if prefill else 0,
-            decode_workers=decode[0].replicas.num_initial if decode else 0,
-            min_remote_prefill_tokens=model.router.min_remote_prefill_tokens,
-            routing_mode=model.router.mode,
-            prefill_busy_tokens=model.router.prefill_busy_tokens,
-            kv_hold_timeout_s=model.router.kv_hold_timeout_s,
-            kv_pull_timeout_s=model.router.kv_pull_timeout_s,
-            entry_grpc_url=None if server is entry else f"{entry.connect_host}:{entry.grpc_port}",
-            has_worker_servers=len(spec.servers) > 1,
-            **optional,
-            **server_overrides,
-        )
-    config = configs[entry.name]
+    server = spec.servers[0]
+    prefill = model.pools_of(Role.PREFILL)
+    (decode,) = model.pools_of(Role.DECODE, Role.AGGREGATED)
+    optional = {field: value for field, value in _shared_settings(model).items() if value is not None}
+    if decode.max_num_batched_tokens is not None:
+        optional["max_num_batched_tokens"] = decode.max_num_batched_tokens
+    config = ServerConfig(
+        model_path=Path(model_path),
+        run_dir=Path(run_dir),
+        host=server.address,
+        http_port=server.http_port,
+        grpc_port=server.grpc_port,
+        metrics_port=server.metrics_port,
+        block_size=model.block_size,
+        prefill_max_num_batched_tokens=prefill[0].max_num_batched_tokens if prefill else None,
+        max_model_len=model.max_model_len,
+        llm_instances=model.llm_instances,
+        prefill_workers=prefill[0].replicas.num_initial if prefill else 0,
+        decode_workers=decode.replicas.num_initial,
+        min_remote_prefill_tokens=model.router.min_remote_prefill_tokens,
+        routing_mode=model.router.mode,
+        prefill_busy_tokens=model.router.prefill_busy_tokens,
+        kv_hold_timeout_s=model.router.kv_hold_timeout_s,
+        kv_pull_timeout_s=model.router.kv_pull_timeout_s,
+        **optional,
+        **server_overrides,
+    )
     frontend = None
     if spec.frontend.port:
         frontend = FrontendConfig(
-            triton_url=config.grpc_url,
+            triton_url=f"{server.connect_host}:{server.grpc_port}",
             host=spec.frontend.host,
             port=spec.frontend.port,
             served_model_name=model.name,
             max_body_bytes=spec.frontend.max_body_bytes,
             api_keys=api_keys,
         )
-    worker_servers = tuple(configs[s.name] for s in spec.servers if s is not entry)
-    return LocalDeployment(config, frontend, _planner_args(model, config), worker_servers)
+    return LocalDeployment(config, frontend, _planner_args(model, config))
 
 
 def _planner_args(model: ModelSpec, server: ServerConfig) -> tuple[str, ...] | None:

@@ -1,7 +1,6 @@
 """`llm`'s side of the decode workers: start a generation and read it, abort, probe.
 
-Every call here is a Triton call (through `serving.model_calls`, to this
-server or, for a route that names one, to the decode worker's server); the
+Every call here is a Triton call (through `serving.model_calls`); the
 decisions about what a failure means live in `serving.migration` (pure). A
 generation's stream is read on a watched thread (`serving.bls_stream`), so a
 dead worker surfaces as WorkerLost instead of a stream that never ends.
@@ -20,7 +19,7 @@ from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
 from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
 from triton_disagg.serving.router_service import Route
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
 from triton_disagg.serving.triton_io import prompt_arrays, triton_error
 
 #: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
@@ -65,20 +64,14 @@ class DecodeClient:
     def __init__(self, calls: ModelCalls) -> None:
         self._calls = calls
 
-    def _calls_to(self, server_url: str) -> ModelCalls:
-        """The decode worker's server: this one for "", else the one at gRPC `server_url`."""
-        return calls_to(server_url) if server_url else self._calls
-
     def _stream(self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
         inputs = prompt_arrays(prompt_token_ids, params)
         if choice.prefill_worker is not None:
             inputs["prefill_worker"] = np.array([choice.prefill_worker.encode()], dtype=np.object_)
-            if choice.prefill_url:
-                inputs["prefill_worker_url"] = np.array([choice.prefill_url.encode()], dtype=np.object_)
         if choice.prefill_pool_saturated:
             inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
-        return self._calls_to(choice.decode_url).stream(choice.decode_worker, inputs, WORKER_OUTPUT_NAMES, request_id)
+        return self._calls.stream(choice.decode_worker, inputs, WORKER_OUTPUT_NAMES, request_id)
 
     def updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -93,7 +86,7 @@ class DecodeClient:
             worker,
             lambda: self._stream(choice, request_id, prompt_token_ids, params),
             WorkerUpdate.of,
-            lambda: self.probe(worker, choice.decode_url),
+            lambda: self.probe(worker),
             WORKER_PROBE_AFTER_S,
         )
         try:
@@ -110,21 +103,19 @@ class DecodeClient:
                 raise WorkerLost(worker, reason, str(exc)) from None
             raise
 
-    def probe(self, decode_worker: str, server_url: str = "") -> str | None:
-        """None when the decode worker (in the server at gRPC `server_url`; "" this one) answers; else why
-        not ("dead" or "gone")."""
+    def probe(self, decode_worker: str) -> str | None:
+        """None when the decode worker answers; else why not ("dead" or "gone")."""
         try:
-            self.abort(decode_worker, PROBE_REQUEST_ID, server_url)
+            self.abort(decode_worker, PROBE_REQUEST_ID)
         except WorkerStreamError as exc:
             return lost_worker_reason(exc.error.message())
         except Exception as exc:  # noqa: BLE001 - a failed BLS call is an answer too
             return lost_worker_reason(str(exc)) or "gone"
         return None
 
-    def abort(self, decode_worker: str, request_id: str, server_url: str = "") -> None:
-        """Ask the decode worker (in the server at gRPC `server_url`; "" this one) to abort `request_id`
-        and wait for its acknowledgement."""
+    def abort(self, decode_worker: str, request_id: str) -> None:
+        """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
         inputs = {"abort_request_id": np.array([request_id.encode()], dtype=np.object_)}
-        for response in self._calls_to(server_url).stream(decode_worker, inputs, []):
+        for response in self._calls.stream(decode_worker, inputs, []):
             if response.has_error:
                 raise WorkerStreamError(triton_error(response.error_message, response.error_code))

@@ -50,14 +50,6 @@ Arrays = Mapping[str, np.ndarray]
 CALL_TIMEOUT_S = 30.0
 #: What a failed gRPC call to an unreachable server says; `serving.migration` reads a worker behind it as dead.
 UNREACHABLE = "Triton server unreachable"
-#: gRPC waits up to two minutes between attempts to reach a server it could not; a worker server
-#: started before its entry server, or a server back from a restart, is reached within a second.
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,12 +133,12 @@ class _BlsStream:
 
 
 class GrpcCalls:
-    """The models of a Triton server (this one, or another), over its gRPC endpoint `url` ("host:port"). Thread-safe."""
+    """The models of another Triton server, over its gRPC endpoint `url` ("host:port"). Thread-safe."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         # One channel for every call: requests share its TCP connection as HTTP/2 streams.
-        self._channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def stream(self, model: str, inputs: Arrays, output_names: Sequence[str], request_id: str = "") -> ResponseStream:

@@ -6,7 +6,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.serving.prefill import PrefillService
-from triton_disagg.serving.settings import engine_config, model_parameters, worker_network
+from triton_disagg.serving.settings import engine_config, grpc_url, model_parameters
 
 
 class TritonPythonModel:
@@ -17,7 +17,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the prefill model must be decoupled: set decoupled: true")
         parameters = model_parameters(model_config)
         self._service = PrefillService(
-            engine_config(parameters), args["model_name"], worker_network(parameters)
+            engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""), grpc_url=grpc_url(parameters)
         )
 
     def execute(self, requests):
