@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from triton_disagg.cli.plan import _parse_bool
 from triton_disagg.deploy.kubernetes import render_manifests
 from triton_disagg.deploy.render import write_manifests
 from triton_disagg.deploy.load import SpecError, load_spec
 from triton_disagg.deploy.spec import DeploymentSpec
 from triton_disagg.launch.deployment import LocalDeployment, check_runs_on_one_machine, local_deployment
-from triton_disagg.launch.flags import EnvFlags, boolean
+from triton_disagg.launch.flags import EnvFlags
 
 
 def add_deploy_parser(commands) -> None:
@@ -26,7 +27,7 @@ def add_deploy_parser(commands) -> None:
     flag("--out", metavar="DIR", default=None, help="directory for the manifests (created; required)")
     flag(
         "--single-file",
-        type=boolean,
+        type=_parse_bool,
         nargs="?",
         const=True,
         default=False,

@@ -7,7 +7,6 @@
     plan        grow and shrink a running server's pools (load or SLO policy)
     deploy      check a deployment spec, or render it to Kubernetes manifests
     bench       measure deployments through the OpenAI API with AIPerf
-    bench perf  the performance targets (paged attention, served overhead, relay, prefix reuse, KV transfer)
     expert-load the expert loads and placements of a running server's MoE workers (JSON)
 
 Every flag can also be set through an environment variable, named in --help
@@ -259,28 +258,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from triton_disagg.tools.bench import add_bench_flags, bench
 
-    # No abbreviated flags: `bench perf --out` would otherwise read as an abbreviation of bench's own.
     bench_parser = commands.add_parser(
-        "bench", help="measure deployments through the OpenAI API with AIPerf (sweep, rate, trace replay)", allow_abbrev=False
+        "bench", help="measure deployments through the OpenAI API with AIPerf (sweep, rate, trace replay)"
     )
     bench_parser.set_defaults(run=bench)
     add_bench_flags(EnvFlags(bench_parser), int_list)
-    # `bench perf` is a sub-command of its own; plain `bench ...` keeps running AIPerf.
-    bench_commands = bench_parser.add_subparsers(required=False, metavar="{perf}")
-    perf_parser = bench_commands.add_parser(
-        "perf", help="measure the performance targets side by side in one run; write DIR/bench_perf.json"
-    )
-    perf_parser.set_defaults(run=bench_perf)
-    from triton_disagg.tools.bench_perf import add_perf_flags
-
-    add_perf_flags(EnvFlags(perf_parser))
     return parser
-
-
-def bench_perf(args: argparse.Namespace) -> int:
-    from triton_disagg.tools.bench_perf import run
-
-    return run(args)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,6 @@ class ServerConfig:
     exit_timeout_s: int = 10
     #: Extra `tritonserver` arguments, appended last.
     extra_args: tuple[str, ...] = ()
-    #: Folder of model templates to render (None: the package's own `model_repository`).
-    model_templates: Path | None = None
 
     @property
     def connect_host(self) -> str:
@@ -387,9 +385,7 @@ class TritonServer(ChildProcess):
         installation = find_tritonserver(self.config.tritonserver)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_directory(installation, self.run_dir / "backends")
-        repository = render_model_repository(
-            self.config, self.run_dir / "model_repository", self.config.model_templates or MODEL_TEMPLATES
-        )
+        repository = render_model_repository(self.config, self.run_dir / "model_repository")
         for name in self.worker_names:
             write_worker(repository, name.rsplit("_", 1)[0], name)
         command = [
