@@ -295,8 +295,6 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)
     engine["kv_events_dir"] = str(kv_events_dir)
-    # The models call one another through this server's gRPC endpoint, not BLS (see serving.model_calls).
-    engine["grpc_url"] = f"{config.connect_host}:{config.grpc_port}"
     parameters = {
         "prefill": engine
         | {
@@ -314,7 +312,9 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "route_wait_s": str(config.route_wait_s),
             "migration_limit": str(config.migration_limit),
             "max_tokens_limit": "" if config.max_tokens_limit is None else str(config.max_tokens_limit),
-            "grpc_url": engine["grpc_url"],
+            # llm calls the router and the workers through this server's gRPC endpoint, not BLS (see
+            # serving.model_calls); the workers keep BLS: their stubs crashed in GC with gRPC channels.
+            "grpc_url": f"{config.connect_host}:{config.grpc_port}",
         },
         "kv_transfer": {"server_host": config.connect_host, "http_port": str(config.http_port)},
         "router": {
