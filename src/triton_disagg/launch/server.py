@@ -313,7 +313,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "migration_limit": str(config.migration_limit),
             "max_tokens_limit": "" if config.max_tokens_limit is None else str(config.max_tokens_limit),
             # llm calls the router and the workers through this server's gRPC endpoint, not BLS (see
-            # serving.model_calls); the workers keep BLS: their stubs crashed in GC with gRPC channels.
+            # serving.model_calls); the workers keep BLS for now (few calls, from fewer threads).
             "grpc_url": f"{config.connect_host}:{config.grpc_port}",
         },
         "kv_transfer": {"server_host": config.connect_host, "http_port": str(config.http_port)},

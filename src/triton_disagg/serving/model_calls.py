@@ -10,9 +10,8 @@ Inputs are numpy arrays by name, and every answer comes back as a
 one HTTP/2 stream per request), `BlsCalls` for "".
 
 `serve` points `llm` at its own server's gRPC endpoint (its `grpc_url`
-parameter; the workers accept it too but keep BLS, since with gRPC channels
-their stubs segfaulted in the garbage collector under the reliability
-tests), because BLS in
+parameter; the workers accept it too but keep BLS for now: their calls
+are few and made from fewer threads), because BLS in
 Triton 2.51's Python backend is not safe with threads: the stub turns a BLS
 response into numpy arrays with the GIL released (`InferRequest::Exec`) or
 on a C++ thread that never takes it (decoupled responses,
