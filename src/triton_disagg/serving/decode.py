@@ -31,7 +31,7 @@ from triton_disagg.serving.protocol import (
     WorkerAbort,
     parse_decode_request,
 )
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, text_array
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
@@ -215,7 +215,7 @@ class DecodeService(EngineService):
         return RemoteKV(handle, parsed.first_token_id)
 
     def _hold_is_live(self, model_name: str, hold_id: str) -> bool:
-        inputs = {"check_hold_id": np.array([hold_id.encode()], dtype=np.object_)}
+        inputs = {"check_hold_id": text_array(hold_id)}
         for response in self.calls.stream(model_name, inputs, ["hold_found"]):
             if response.has_error:
                 return False

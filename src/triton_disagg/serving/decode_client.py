@@ -19,7 +19,7 @@ from triton_disagg.serving.bls_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason
 from triton_disagg.serving.protocol import WORKER_OUTPUT_NAMES
 from triton_disagg.serving.router_service import Route
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, text_array
 from triton_disagg.serving.triton_io import prompt_arrays, triton_error
 
 #: Seconds without a response from the decode worker after which it is probed (see `serving.bls_stream`).
@@ -68,7 +68,7 @@ class DecodeClient:
         """Start generation on the chosen decode worker; iterate over its responses (blocking)."""
         inputs = prompt_arrays(prompt_token_ids, params)
         if choice.prefill_worker is not None:
-            inputs["prefill_worker"] = np.array([choice.prefill_worker.encode()], dtype=np.object_)
+            inputs["prefill_worker"] = text_array(choice.prefill_worker)
         if choice.prefill_pool_saturated:
             inputs["prefill_pool_saturated"] = np.array([True], dtype=np.bool_)
         return self._calls.stream(choice.decode_worker, inputs, WORKER_OUTPUT_NAMES, request_id)
@@ -115,7 +115,7 @@ class DecodeClient:
 
     def abort(self, decode_worker: str, request_id: str) -> None:
         """Ask the decode worker to abort `request_id` and wait for its acknowledgement."""
-        inputs = {"abort_request_id": np.array([request_id.encode()], dtype=np.object_)}
+        inputs = {"abort_request_id": text_array(request_id)}
         for response in self._calls.stream(decode_worker, inputs, []):
             if response.has_error:
                 raise WorkerStreamError(triton_error(response.error_message, response.error_code))

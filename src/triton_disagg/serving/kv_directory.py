@@ -16,7 +16,7 @@ from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
 from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.serving.live_workers import RepositoryWatcher
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, text_array
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
@@ -120,7 +120,7 @@ class DirectoryClient:
         return PoolLayout.decode(response.output("layout").tobytes()), response.output("metadata").tobytes()
 
     def _call(self, action: str, agent_name: str, layout: bytes = b"", metadata: bytes = b"") -> ModelResponse:
-        inputs = {"action": _text(action), "agent_name": _text(agent_name)}
+        inputs = {"action": text_array(action), "agent_name": text_array(agent_name)}
         if layout:
             inputs |= {"layout": np.frombuffer(layout, dtype=np.uint8), "metadata": np.frombuffer(metadata, dtype=np.uint8)}
         response = self._calls.call(DIRECTORY_MODEL, inputs, list(OUTPUT_NAMES))
@@ -128,6 +128,3 @@ class DirectoryClient:
             raise RuntimeError(response.error_message)
         return response
 
-
-def _text(value: str) -> np.ndarray:
-    return np.array([value.encode()], dtype=np.object_)

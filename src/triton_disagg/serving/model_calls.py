@@ -208,6 +208,11 @@ class _GrpcStream:
             call.cancel()  # a no-op once the call has finished
 
 
+def text_array(value: str) -> np.ndarray:
+    """A one-element BYTES input holding `value` (UTF-8)."""
+    return np.array([value.encode()], dtype=np.object_)
+
+
 #: The TritonError codes a response may carry, by name.
 _TRITON_ERROR_CODES = ("INVALID_ARG", "UNAVAILABLE", "INTERNAL", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED", "UNKNOWN")
 _GRPC_STATUS_TO_TRITON = {

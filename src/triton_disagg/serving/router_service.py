@@ -36,7 +36,7 @@ from triton_disagg.serving.live_workers import (
     split_workers,
     worker_loads,
 )
-from triton_disagg.serving.model_calls import ModelCalls
+from triton_disagg.serving.model_calls import ModelCalls, text_array
 from triton_disagg.serving.protocol import parse_routing_mode
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
 from triton_disagg.router.config import RouterConfig, RoutingMode
@@ -296,9 +296,9 @@ class RouterClient:
 
     def route(self, request_id: str, prompt_token_ids: list[int], routing_mode: str | None) -> Route:
         """The router's choice. Raises ServiceUnavailable (with the router's reason) when none can take it."""
-        inputs = {"action": _text("route"), "request_id": _text(request_id), "input_ids": np.array(prompt_token_ids, dtype=np.int32)}
+        inputs = {"action": text_array("route"), "request_id": text_array(request_id), "input_ids": np.array(prompt_token_ids, dtype=np.int32)}
         if routing_mode:
-            inputs["routing_mode"] = _text(routing_mode)
+            inputs["routing_mode"] = text_array(routing_mode)
         response = self._call(inputs, list(ROUTE_OUTPUT_NAMES))
         output = {name: response.output(name).reshape(-1)[0] for name in ROUTE_OUTPUT_NAMES}
         if output["unavailable_reason"]:
@@ -311,13 +311,13 @@ class RouterClient:
         )
 
     def first_token(self, request_id: str) -> None:
-        self._call({"action": _text("first_token"), "request_id": _text(request_id)}, [])
+        self._call({"action": text_array("first_token"), "request_id": text_array(request_id)}, [])
 
     def complete(self, request_id: str) -> None:
-        self._call({"action": _text("complete"), "request_id": _text(request_id)}, [])
+        self._call({"action": text_array("complete"), "request_id": text_array(request_id)}, [])
 
     def worker_failed(self, worker_name: str) -> None:
-        self._call({"action": _text("worker_failed"), "worker_name": _text(worker_name)}, [])
+        self._call({"action": text_array("worker_failed"), "worker_name": text_array(worker_name)}, [])
 
     def _call(self, inputs, output_names):
         response = self._calls.call(ROUTER_MODEL, inputs, output_names)
@@ -327,6 +327,3 @@ class RouterClient:
             raise RuntimeError(f"router: {response.error_message}")
         return response
 
-
-def _text(value: str) -> np.ndarray:
-    return np.array([value.encode()], dtype=np.object_)
