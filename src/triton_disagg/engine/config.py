@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+#: Ways attention may read the paged KV pool (see `attention_backends`).
+ATTENTION_BACKENDS = ("auto", "cpu_paged", "flashinfer", "flash_attn", "dense")
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,6 +117,11 @@ class EngineConfig:
     kv_hold_timeout_s: float = 30.0
     #: Decode side: how long a KV pull may take before the prompt is recomputed locally.
     kv_pull_timeout_s: float = 30.0
+    #: How attention reads the paged KV pool: "auto" (the fastest that runs here), "cpu_paged",
+    #: "flashinfer", "flash_attn" or "dense" (see `attention_backends`).
+    attention_backend: str = "auto"
+    #: CUDA only: run every decode step eagerly instead of replaying CUDA graphs captured at start.
+    enforce_eager: bool = False
     #: Host-memory tier, in blocks: cached blocks evicted from the pool are kept there (pinned
     #: memory on CUDA) and copied back on a prefix hit. None sizes it from `kv_host_bytes`; 0 turns it off.
     kv_host_blocks: int | None = None
@@ -167,6 +174,10 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         for name in ("kv_host_blocks", "kv_disk_blocks"):
             value = getattr(self, name)
             if value is not None and value < 0:

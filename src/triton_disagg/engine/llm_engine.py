@@ -70,7 +70,17 @@ class LLMEngine:
         self.model = load_model(config.model_path, self.device, self.dtype)
         #: Expert load statistics and expert parallelism of an MoE model; None for a dense one.
         self.eplb = EplbState(self.model, self.model_config, config, self.device, self.dtype) if self.model_config.is_moe else None
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model,
+            self.num_blocks,
+            config.block_size,
+            self.device,
+            self.dtype,
+            config.attention_backend,
+            cuda_graphs=not config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
         #: Host-memory and disk tiers under the pool; None when both are off.
         try:
             self.tiers = self._make_tiers(config)
