@@ -1,13 +1,17 @@
-"""The gRPC side of `serving.model_calls`: request encoding and error codes (the calls themselves run in e2e)."""
+"""The gRPC side of `serving.model_calls`: request encoding, error codes, and how a stream ends."""
 
 from __future__ import annotations
 
 import struct
+import threading
+from concurrent import futures
 
+import grpc
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from triton_disagg.serving.model_calls import infer_request, stream_error_code
+from triton_disagg.serving.model_calls import GrpcCalls, infer_request, stream_error_code
 
 
 def test_a_bytes_input_is_sent_length_prefixed_as_triton_reads_it():
@@ -39,3 +43,64 @@ def test_numeric_inputs_are_sent_as_their_raw_little_endian_bytes():
 )
 def test_a_stream_error_code_is_read_from_how_our_models_word_their_errors(message, code):
     assert stream_error_code(message) == code
+
+
+class _StreamingServer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A gRPC endpoint whose decoupled "model" answers `num_responses` responses, the last one final."""
+
+    def __init__(self, num_responses: int) -> None:
+        self.num_responses = num_responses
+        self.half_closed = threading.Event()
+
+    def ModelStreamInfer(self, request_iterator, context):
+        request = next(request_iterator)
+        for index in range(self.num_responses):
+            response = service_pb2.ModelStreamInferResponse()
+            response.infer_response.model_name = request.model_name
+            response.infer_response.parameters["triton_final_response"].bool_param = index == self.num_responses - 1
+            yield response
+        for _ in request_iterator:  # Triton ends a stream once its client half-closes it
+            pass
+        self.half_closed.set()
+
+
+@pytest.fixture
+def streaming_server():
+    servicer = _StreamingServer(num_responses=3)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, GrpcCalls(f"127.0.0.1:{port}")
+    server.stop(grace=None)
+
+
+def test_a_stream_read_to_its_final_response_is_half_closed_and_ends_ok_never_cancelled(streaming_server):
+    # Cancelling a stream as its request completes can leak Triton 2.51's stream state, which holds
+    # the model: that model then never finishes unloading.
+    servicer, calls = streaming_server
+    stream = calls.stream("decode_0", {"input_ids": np.array([1], dtype=np.int32)}, [])
+    assert len(list(stream)) == 2  # the final response carries no outputs: it only ends the stream
+    assert servicer.half_closed.wait(5)
+    assert stream._call.code() == grpc.StatusCode.OK
+
+
+def test_a_consumer_that_stops_after_the_final_response_still_ends_the_stream_cleanly(streaming_server):
+    servicer, calls = streaming_server
+    servicer.num_responses = 1
+    stream = calls.stream("prefill_0", {"check_hold_id": np.array([b"h"], dtype=np.object_)}, [])
+    for _ in stream:
+        break  # as a hold check does: it returns on its one response
+    assert servicer.half_closed.wait(5)
+    assert stream._call.code() == grpc.StatusCode.OK
+
+
+def test_a_stream_abandoned_mid_request_is_cancelled(streaming_server):
+    servicer, calls = streaming_server
+    servicer.num_responses = 100
+    stream = calls.stream("decode_0", {"input_ids": np.array([1], dtype=np.int32)}, [])
+    responses = iter(stream)
+    next(responses)
+    responses.close()  # the consumer gives up (a worker found dead): nothing is left to wait for
+    assert stream._call.code() == grpc.StatusCode.CANCELLED
+    assert not servicer.half_closed.is_set()

@@ -13,7 +13,7 @@ from triton_disagg.kv_transfer.layout import PoolLayout
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.health import WorkerHealth
 from triton_disagg.router.subscriber import StreamState, StreamStatus
-from triton_disagg.serving.bls_stream import watched_stream
+from triton_disagg.serving.watched_stream import watched_stream
 from triton_disagg.serving.migration import WorkerLost, lost_worker_reason, plan_continuation
 
 A, B = WorkerId("decode_0"), WorkerId("decode_1")

@@ -4,7 +4,8 @@ Workers register when their engine starts; a worker registering replaces
 every entry of an earlier life of the same model (a reloaded or restarted
 worker has a new agent). Entries of models no longer loaded are dropped by
 `retain_models`, which the `kv_transfer` model calls with the live models it
-sees in Triton's repository index. Decode workers look peers up lazily and
+sees in each server's repository index (its own, and the servers remote
+workers registered from). Decode workers look peers up lazily and
 cache what they find. This module has no Triton imports.
 """
 
@@ -46,10 +47,17 @@ class KVDirectory:
                 del self._entries[name]
             return dropped
 
-    def retain_models(self, live_model_names: set[str]) -> list[str]:
-        """Drop the entries of models not in `live_model_names` (unloaded); returns the agent names dropped."""
+    def retain_models(self, live_model_names: set[str], server_url: str | None = None) -> list[str]:
+        """Drop the entries of models not in `live_model_names` (unloaded); returns the agent names dropped.
+
+        `server_url`: only entries of that server (`PoolLayout.server_url`; "" the directory's own); None: all.
+        """
         with self._lock:
-            dropped = [n for n, e in self._entries.items() if e.layout.model_name not in live_model_names]
+            dropped = [
+                n
+                for n, e in self._entries.items()
+                if e.layout.model_name not in live_model_names and server_url in (None, e.layout.server_url)
+            ]
             for name in dropped:
                 del self._entries[name]
             return dropped
@@ -61,6 +69,11 @@ class KVDirectory:
     def lookup(self, agent_name: str) -> DirectoryEntry | None:
         with self._lock:
             return self._entries.get(agent_name)
+
+    def server_urls(self) -> list[str]:
+        """The servers of other hosts that entries came from (`PoolLayout.server_url`, sorted)."""
+        with self._lock:
+            return sorted({e.layout.server_url for e in self._entries.values() if e.layout.server_url})
 
     def agent_names(self) -> list[str]:
         with self._lock:

@@ -25,6 +25,9 @@ class PoolLayout:
     block_shape: tuple[int, ...]  # (L, 2, block_size, KVH, D)
     dtype: str
     model_name: str = ""  # the Triton model serving this pool, for control requests
+    #: gRPC endpoint ("host:port") of the Triton server running that model, as other servers reach it;
+    #: "": the server of the KV directory. Its host is the address the worker's NIXL agent is reached at.
+    server_url: str = ""
 
     @classmethod
     def of_pool(cls, agent_name: str, kv_pool: torch.Tensor, model_name: str = "") -> "PoolLayout":

@@ -2,8 +2,9 @@
 
 A request offers a prefill worker (`prefill_worker`); the decode worker
 decides (see `disagg.decide_prefill`) from its own prefix-cache hit and the
-prompt. For a remote prefill it calls the prefill worker through BLS,
-streams the first token at once, then pulls the KV over NIXL and decodes.
+prompt. For a remote prefill it calls the prefill worker (in its own server,
+or at `prefill_worker_url` in another), streams the first token at once,
+then pulls the KV over NIXL and decodes.
 If the prefill worker fails or is gone, the prompt is prefilled locally.
 With no prefill worker at all, a decode worker is an aggregated worker.
 """
@@ -15,13 +16,12 @@ import logging
 import threading
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.engine.kv_connector import RemoteKV
 from triton_disagg.engine.params import InvalidRequest
 from triton_disagg.kv_transfer.handle import InvalidKVHandle, KVHandle
-from triton_disagg.serving.bls_stream import watched_stream
+from triton_disagg.serving.watched_stream import watched_stream
 from triton_disagg.serving.disagg import decide_prefill
 from triton_disagg.serving.migration import lost_worker_reason
 from triton_disagg.serving.protocol import (
@@ -29,9 +29,10 @@ from triton_disagg.serving.protocol import (
     DecodeGenerate,
     ExpertLoadRequest,
     WorkerAbort,
+    WorkerDescribe,
     parse_decode_request,
 )
-from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, text_array
+from triton_disagg.serving.model_calls import ModelCalls, ModelResponse, calls_to, text_array
 from triton_disagg.serving.triton_io import (
     bytes_tensor,
     error_response,
@@ -77,6 +78,9 @@ class DecodeService(EngineService):
                 return
             if isinstance(parsed, ExpertLoadRequest):
                 self.send_expert_load(sender)
+                return
+            if isinstance(parsed, WorkerDescribe):
+                self.send_info(sender)
                 return
             request_id = request.request_id() or uuid.uuid4().hex
             stream = ResponseStream(self, sender, request_id)
@@ -151,13 +155,14 @@ class DecodeService(EngineService):
     def _call_prefill(self, parsed: DecodeGenerate) -> _PrefillResult:
         """The prefill worker's first token and KV handle. Raises when it fails, dies or is gone."""
         worker = parsed.prefill_worker
+        calls = self._calls_to(parsed.prefill_worker_url)
 
         def start():
             inputs = prompt_arrays(parsed.prompt_token_ids, parsed.params, with_max_tokens=False)
             outputs = ["output_ids", "finish_reason", "num_cached_tokens", "kv_handle"]
-            return self.calls.stream(worker, inputs, outputs, uuid.uuid4().hex)
+            return calls.stream(worker, inputs, outputs, uuid.uuid4().hex)
 
-        probe = lambda: _probe_prefill(self.calls, worker)  # noqa: E731
+        probe = lambda: _probe_prefill(calls, worker)  # noqa: E731
         results = watched_stream(worker, start, _prefill_result_of, probe, PREFILL_PROBE_AFTER_S)
         result = None
         for item in results:
@@ -206,7 +211,7 @@ class DecodeService(EngineService):
         if entry is None:
             raise InvalidKVHandle(f"kv_handle names agent {handle.agent_name!r}, which is not in the KV directory")
         layout, metadata = entry
-        if not self._hold_is_live(layout.model_name, handle.hold_id):
+        if not self._hold_is_live(self._calls_to(layout.server_url), layout.model_name, handle.hold_id):
             raise InvalidKVHandle(f"kv_handle is stale: {layout.model_name} no longer holds {handle.hold_id!r}")
         if not self.engine.kv_connector.knows_peer(handle.agent_name):
             self.engine.kv_connector.add_peer_threadsafe(layout, metadata)
@@ -214,9 +219,16 @@ class DecodeService(EngineService):
             raise InvalidRequest("max_tokens must be >= 2 with a kv_handle: the first token is already sampled")
         return RemoteKV(handle, parsed.first_token_id)
 
-    def _hold_is_live(self, model_name: str, hold_id: str) -> bool:
+    def _calls_to(self, server_url: str) -> ModelCalls:
+        """How to reach a model of the server at gRPC `server_url`; "" is the entry server (the one running the
+        router and the KV directory: this one, or the one at `directory_url`)."""
+        server_url = server_url or self.network.directory_url
+        return calls_to(server_url) if server_url and server_url != self.network.grpc_url else self.calls
+
+    @staticmethod
+    def _hold_is_live(calls: ModelCalls, model_name: str, hold_id: str) -> bool:
         inputs = {"check_hold_id": text_array(hold_id)}
-        for response in self.calls.stream(model_name, inputs, ["hold_found"]):
+        for response in calls.stream(model_name, inputs, ["hold_found"]):
             if response.has_error:
                 return False
             found = response.output("hold_found")
@@ -243,7 +255,7 @@ def _prefill_result_of(response: ModelResponse) -> "_PrefillResult | str | None"
 
 def _probe_prefill(calls: ModelCalls, worker: str) -> str | None:
     """None while the prefill worker answers a hold check; else why not ("dead" or "gone")."""
-    inputs = {"check_hold_id": np.array([b"liveness-probe"], dtype=np.object_)}
+    inputs = {"check_hold_id": text_array("liveness-probe")}
     try:
         for response in calls.stream(worker, inputs, ["hold_found"]):
             if response.has_error:

@@ -1,16 +1,21 @@
-"""The `kv_transfer` model (the KV directory) and the BLS client workers use to reach it.
+"""The `kv_transfer` model (the KV directory) and the client workers use to reach it.
 
-The model follows Triton's repository index (as the router does) and drops
-the entries of workers that were unloaded; `llm` drops those of a decode
+The directory runs in the entry server; workers of other servers register
+with their server's gRPC endpoint in their layout. The model follows the
+repository index of its own server and of every server an entry came from
+(as the router does), and drops the entries of workers that were unloaded
+there, or whose server stopped answering; `llm` drops those of a decode
 worker it found dead (`forget_model`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+import tritonclient.grpc as grpcclient
 
 from triton_disagg.errors import InvalidRequest
 from triton_disagg.kv_transfer.directory import KVDirectory
@@ -35,27 +40,66 @@ def _uint8_tensor(name: str, data: bytes) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.frombuffer(data, dtype=np.uint8).copy())
 
 
+#: Failed polls of another server's repository index after which its entries are dropped.
+MAX_FAILED_REMOTE_POLLS = 3
+
+
 class DirectoryService:
     """Answers register / unregister / lookup / forget_model / list; one response per request.
 
-    With `http_url`, it polls that server's repository index and drops the entries of models no
-    longer READY (`repository_headers`: the key of a restricted repository API).
+    With `http_url`, it polls that server's repository index, and the index of every server remote
+    entries came from (gRPC), every `interval_s`, and drops the entries of models no longer READY
+    there (`repository_headers`: the key of a restricted repository API).
     """
 
-    def __init__(self, http_url: str | None = None, repository_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, http_url: str | None = None, repository_headers: dict[str, str] | None = None, interval_s: float = 1.0
+    ) -> None:
         self.directory = KVDirectory()
         self._watcher = None
+        self._headers = repository_headers or {}
+        self._stop = threading.Event()
+        self._failed_polls: dict[str, int] = {}
+        self._interval_s = interval_s
+        self._remote_watcher: threading.Thread | None = None
         if http_url:
-            self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
+            self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers, interval_s=interval_s)
             self._watcher.start()
 
+    def _watch_remote_servers(self) -> None:
+        """From the first entry of another server on: poll the servers entries came from (one thread)."""
+        if self._watcher is not None and self._remote_watcher is None:
+            self._remote_watcher = threading.Thread(target=self._watch_remote, name="kv-directory-remote", daemon=True)
+            self._remote_watcher.start()
+
     def shutdown(self) -> None:
+        self._stop.set()
         if self._watcher is not None:
             self._watcher.stop()
 
     def _on_live(self, model_names: list[str]) -> None:
-        for agent_name in self.directory.retain_models(set(model_names)):
+        for agent_name in self.directory.retain_models(set(model_names), server_url=""):
             logger.info("KV directory: dropped %s (its worker was unloaded)", agent_name)
+
+    def _watch_remote(self) -> None:
+        # gRPC clients send a restricted API's header with Triton's prefix.
+        headers = {f"triton-grpc-protocol-{name}": value for name, value in self._headers.items()}
+        clients: dict[str, grpcclient.InferenceServerClient] = {}
+        while not self._stop.wait(self._interval_s):
+            for url in self.directory.server_urls():
+                try:
+                    client = clients.get(url) or clients.setdefault(url, grpcclient.InferenceServerClient(url))
+                    index = client.get_model_repository_index(headers=headers, as_json=True, client_timeout=5.0)
+                except Exception as exc:  # noqa: BLE001 - counted; the server may come back
+                    self._failed_polls[url] = self._failed_polls.get(url, 0) + 1
+                    if self._failed_polls[url] >= MAX_FAILED_REMOTE_POLLS:
+                        for agent_name in self.directory.retain_models(set(), server_url=url):
+                            logger.info("KV directory: dropped %s (its server %s stopped answering: %s)", agent_name, url, exc)
+                    continue
+                self._failed_polls.pop(url, None)
+                live = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+                for agent_name in self.directory.retain_models(live, server_url=url):
+                    logger.info("KV directory: dropped %s (its worker was unloaded from %s)", agent_name, url)
 
     def execute(self, request) -> "pb_utils.InferenceResponse":
         try:
@@ -64,7 +108,10 @@ class DirectoryService:
             if action == "register":
                 layout = PoolLayout.decode(inputs["layout"].tobytes())
                 self.directory.register(layout, inputs["metadata"].tobytes())
-                logger.info("KV directory: registered %s (%d blocks)", layout.agent_name, layout.num_blocks)
+                if layout.server_url:
+                    self._watch_remote_servers()
+                where = layout.server_url or "this server"
+                logger.info("KV directory: registered %s (%d blocks) on %s", layout.agent_name, layout.num_blocks, where)
                 return self._reply(found=True)
             if action == "list":
                 return self._reply(found=True, agent_names=self.directory.agent_names())

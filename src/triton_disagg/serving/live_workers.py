@@ -2,8 +2,8 @@
 
 Triton's repository index is the registry of live workers. `split_workers`,
 `kv_event_endpoints` and `worker_loads` are pure; `RepositoryWatcher` polls
-the local server's index and hands the READY model names to a callback,
-with the model-control key when the server restricts its repository API.
+one server's index and hands the READY model names to a callback, with the
+model-control key when the server restricts its repository API.
 No torch here: the `llm` and `router` models import this module.
 """
 
@@ -74,7 +74,7 @@ def worker_loads(prometheus_text: str) -> dict[str, WorkerMetrics]:
 
 
 class RepositoryWatcher:
-    """Polls `POST /v2/repository/index` every `interval_s` and calls `on_live(ready_model_names)`.
+    """Polls `POST /v2/repository/index` every `interval_s` and calls `on_live(ready_model_names)` on its thread.
 
     `headers` go with every poll (the model-control key of a restricted repository API).
     """
@@ -85,9 +85,12 @@ class RepositoryWatcher:
         on_live: Callable[[list[str]], None],
         interval_s: float = 1.0,
         headers: dict[str, str] | None = None,
+        on_failure: Callable[[Exception], None] | None = None,
     ) -> None:
+        """`on_failure(error)` is called for a poll that failed (the view is otherwise kept)."""
         self._url = f"{http_url}/v2/repository/index"
         self._on_live = on_live
+        self._on_failure = on_failure
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._session = requests.Session()
@@ -111,5 +114,7 @@ class RepositoryWatcher:
             try:
                 self.refresh()
             except Exception as exc:  # noqa: BLE001 - the server may be starting or stopping; keep the last view
-                logger.debug("repository index poll failed: %s", exc)
+                logger.debug("repository index poll of %s failed: %s", self._url, exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
             self._stop.wait(self._interval_s)

@@ -1,4 +1,4 @@
-"""The `llm` entry model's request path: text in, tokens from the worker through BLS, text out.
+"""The `llm` entry model's request path: text in, tokens from a worker (of this server or another), text out.
 
 A request waits up to `route_wait_s` for a routable decode worker (at start,
 or while every worker is being replaced) before it is answered UNAVAILABLE.
@@ -262,7 +262,7 @@ class _Relay:
         else:
             self._send(finish_reason)
         try:
-            self._service.decode.abort(self._choice.decode_worker, self._worker_request_id)
+            self._service.decode.abort(self._choice.decode_worker, self._worker_request_id, self._choice.decode_url)
         except WorkerStreamError as exc:
             if lost_worker_reason(exc.error.message()) is None:
                 raise

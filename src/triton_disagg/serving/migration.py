@@ -1,18 +1,19 @@
 """Moving a request to another decode worker when its worker fails under it (pure decisions).
 
-A decode worker can fail under a request in three ways `llm` sees: its
+A decode worker can fail under a request in four ways `llm` sees: its
 Python stub process died (Triton answers "Stub process ... is not healthy",
 and a stream already open just stops), it was unloaded (new requests find
 no such model; requests in flight end with finish reason "abort" that
-nobody asked for), or it stopped answering. Each of these is the server's
-fault, not the client's, so the request continues on another decode worker
-from its prompt plus every token already streamed to the client, asking for
-the tokens still missing. The client's stream neither repeats nor loses a
-token; with greedy sampling the text equals an uninterrupted run (a seeded
+nobody asked for), it stopped answering, or the Triton server it runs in
+on another host went away (its gRPC calls fail: "Triton server
+unreachable"). Each of these is the server's fault, not the client's, so
+the request continues on another decode worker from its prompt plus every
+token already streamed to the client, asking for the tokens still missing.
+The client's stream neither repeats nor loses a token; with greedy sampling the text equals an uninterrupted run (a seeded
 sampler restarts on the new worker, so seeded output may differ).
 
-Nothing here calls Triton: `llm` (and, later, a relay that reaches workers
-on other servers) feeds in what it saw and acts on the answers.
+Nothing here calls Triton: `llm` feeds in what it saw, whether the worker runs
+in its own server or another one, and acts on the answers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from triton_disagg.errors import ServiceUnavailable
 #: Error texts that mean the worker itself is gone or dead, not that it refused the request.
 _LOST_WORKER = re.compile(
     r"Stub process .* is not healthy|Failed to (?:process|send) .*stub|unknown model|is not found"
-    r"|has no available versions|is not ready|not ready for inference|engine is shutting down",
+    r"|has no available versions|is not ready|not ready for inference|engine is shutting down"
+    r"|Triton server unreachable",
     re.IGNORECASE,
 )
 
@@ -40,12 +42,14 @@ class WorkerLost(Exception):
 
 
 def lost_worker_reason(error_message: str) -> str | None:
-    """"dead" when an error text says the worker's stub died, "gone" when the worker is not (or no
-    longer) loaded, None when it is the worker's own verdict on the request (pass that on)."""
+    """"dead" when an error text says the worker's stub died or its server cannot be reached, "gone"
+    when the worker is not (or no longer) loaded, None when it is the worker's own verdict on the
+    request (pass that on)."""
     match = _LOST_WORKER.search(error_message)
     if match is None:
         return None
-    return "dead" if "stub" in match.group(0).lower() else "gone"
+    text = match.group(0).lower()
+    return "dead" if "stub" in text or "unreachable" in text else "gone"
 
 
 @dataclass(slots=True, frozen=True)

@@ -9,9 +9,8 @@ Inputs are numpy arrays by name, and every answer comes back as a
 `calls_to(url)` picks: `GrpcCalls` for a gRPC URL (one channel per server,
 one HTTP/2 stream per request), `BlsCalls` for "".
 
-`serve` points `llm` at its own server's gRPC endpoint (its `grpc_url`
-parameter; the workers accept it too but keep BLS for now: their calls
-are few and made from fewer threads), because BLS in
+`serve` points every model at its own server's gRPC endpoint (the models'
+`grpc_url` parameter), because BLS in
 Triton 2.51's Python backend is not safe with threads: the stub turns a BLS
 response into numpy arrays with the GIL released (`InferRequest::Exec`) or
 on a C++ thread that never takes it (decoupled responses,
@@ -20,8 +19,12 @@ there. A stub that relays requests on several threads then corrupts
 reference counts and its heap: under 8 concurrent streams the `llm` stub
 died within minutes ("Reference count error detected: an attempt was made to
 deallocate the dtype 17 (O)", "malloc(): unaligned tcache chunk",
-segfaults), and Triton failed none of its requests. Over gRPC every object
-is made by grpc-python under the GIL.
+segfaults), and Triton failed none of its requests; a decode worker, whose
+remote prefills each run on their own thread, died the same way. Over gRPC
+every object is made by grpc-python under the GIL.
+
+A stream whose request is complete is half-closed, never cancelled (see
+`_GrpcStream._close`).
 
 Triton's gRPC stream carries an error's message but not its code, so a
 stream error's code is read from the message (`stream_error_code`).
@@ -49,8 +52,18 @@ Arrays = Mapping[str, np.ndarray]
 
 #: Seconds a one-answer gRPC call may take (the router and the KV directory answer in milliseconds).
 CALL_TIMEOUT_S = 30.0
+#: Seconds to wait for the server to end a stream whose request is complete (it takes a round trip).
+CLOSE_TIMEOUT_S = 10.0
 #: What a failed gRPC call to an unreachable server says; `serving.migration` reads a worker behind it as dead.
 UNREACHABLE = "Triton server unreachable"
+#: gRPC waits up to two minutes between attempts to reach a server it could not; a worker server
+#: started before its entry server, or a server back from a restart, is reached within a second.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,12 +147,12 @@ class _BlsStream:
 
 
 class GrpcCalls:
-    """The models of another Triton server, over its gRPC endpoint `url` ("host:port"). Thread-safe."""
+    """The models of a Triton server (this one, or another), over its gRPC endpoint `url` ("host:port"). Thread-safe."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         # One channel for every call: requests share its TCP connection as HTTP/2 streams.
-        self._channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self._channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def stream(self, model: str, inputs: Arrays, output_names: Sequence[str], request_id: str = "") -> ResponseStream:
@@ -182,23 +195,43 @@ class _GrpcStream:
             if self._done.is_set():
                 return
             self._call = self._calls._stub.ModelStreamInfer(self._requests())
+        is_complete = False  # the request's last response has come (known before it is handed out)
         try:
             for message in self._call:
-                if message.error_message:
-                    yield ModelResponse(error_message=message.error_message, error_code=stream_error_code(message.error_message))
-                    return
                 response = message.infer_response
                 final = response.parameters.get("triton_final_response")
-                if response.outputs or not (final and final.bool_param):
+                if message.error_message:
+                    # An error ends its request; one Triton gave before the request reached a model has no flag.
+                    is_complete = final is None or final.bool_param
+                    yield ModelResponse(error_message=message.error_message, error_code=stream_error_code(message.error_message))
+                    return
+                is_complete = final is not None and final.bool_param
+                if response.outputs or not is_complete:
                     yield _outputs_of(response, self._output_names)
-                if final is not None and final.bool_param:
+                if is_complete:
                     return
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED and self._done.is_set():
                 return
             raise RuntimeError(f"{UNREACHABLE} at {self._calls.url}: {error.details()}") from None
         finally:
-            self.cancel()
+            if is_complete:
+                self._close()
+            else:  # abandoned mid-request, or failed
+                self.cancel()
+
+    def _close(self) -> None:
+        """End a stream whose request is complete: half-close it and wait for the server's status.
+
+        Never cancel it: Triton 2.51's stream handler can leak its state for a stream cancelled
+        as it completes (the state holds the request, the request holds the model), and a model
+        with such a request can never be unloaded (it stays UNLOADING).
+        """
+        self._done.set()
+        try:
+            self._call.exception(timeout=CLOSE_TIMEOUT_S)  # waits for the server's status (OK)
+        except grpc.FutureTimeoutError:
+            self._call.cancel()  # a server that never ends the stream must not hold this thread
 
     def cancel(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from triton_disagg.serving.protocol import (
     PREFILL_INPUT_NAMES,
     ExpertLoadRequest,
     HoldCheck,
+    WorkerDescribe,
     parse_prefill_request,
 )
 from triton_disagg.serving.triton_io import error_response, read_inputs
@@ -40,6 +41,9 @@ class PrefillService(EngineService):
                 return
             if isinstance(parsed, ExpertLoadRequest):
                 self.send_expert_load(sender)
+                return
+            if isinstance(parsed, WorkerDescribe):
+                self.send_info(sender)
                 return
             request_id = request.request_id() or uuid.uuid4().hex
             stream = _PrefillStream(self, sender, request_id)

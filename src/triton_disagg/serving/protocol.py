@@ -49,10 +49,15 @@ WORKER_INPUT_NAMES = (
     "ignore_eos",
     "abort_request_id",
     "dump_expert_load",
+    "describe",
 )
 WORKER_OUTPUT_NAMES = ("output_ids", "finish_reason", "num_input_tokens", "num_cached_tokens")
-DECODE_INPUT_NAMES = WORKER_INPUT_NAMES + ("prefill_worker", "prefill_pool_saturated", "kv_handle", "first_token")
-PREFILL_INPUT_NAMES = ("input_ids", "temperature", "top_k", "top_p", "seed", "ignore_eos", "check_hold_id", "dump_expert_load")
+DECODE_INPUT_NAMES = WORKER_INPUT_NAMES + (
+    "prefill_worker", "prefill_pool_saturated", "kv_handle", "first_token", "prefill_worker_url"
+)  # fmt: skip
+PREFILL_INPUT_NAMES = (
+    "input_ids", "temperature", "top_k", "top_p", "seed", "ignore_eos", "check_hold_id", "dump_expert_load", "describe"
+)  # fmt: skip
 PREFILL_OUTPUT_NAMES = WORKER_OUTPUT_NAMES + ("kv_handle", "hold_found")
 
 
@@ -96,6 +101,8 @@ class DecodeGenerate:
     prefill_pool_saturated: bool = False
     kv_handle: bytes | None = None
     first_token_id: int | None = None
+    #: gRPC endpoint of the prefill worker's server; "": the decode worker's own server.
+    prefill_worker_url: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +115,11 @@ class HoldCheck:
 @dataclass(slots=True, frozen=True)
 class ExpertLoadRequest:
     """A worker control request: send the expert-load snapshot (`dump_expert_load: true`)."""
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerDescribe:
+    """A worker control request: say where the worker's KV events are (`describe: true`)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,11 +172,13 @@ def check_max_tokens_limit(max_tokens: int, max_tokens_limit: int | None) -> Non
         raise InvalidRequest(f"max_tokens ({max_tokens}) is above this server's limit of {max_tokens_limit}; ask for fewer")
 
 
-def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort | ExpertLoadRequest:
+def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort | ExpertLoadRequest | WorkerDescribe:
     """Parse a `worker` request: a generate request, an abort when `abort_request_id` is set,
-    or an expert-load dump when `dump_expert_load` is true."""
+    an expert-load dump when `dump_expert_load` is true, or a description when `describe` is."""
     if _bool(inputs, "dump_expert_load", False):
         return ExpertLoadRequest()
+    if _bool(inputs, "describe", False):
+        return WorkerDescribe()
     abort_request_id = _scalar(inputs, "abort_request_id", None)
     if abort_request_id is not None:
         return WorkerAbort(_decode_utf8("abort_request_id", abort_request_id))
@@ -177,10 +191,10 @@ def parse_worker_request(inputs: Inputs) -> WorkerGenerate | WorkerAbort | Exper
     )
 
 
-def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort | ExpertLoadRequest:
+def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort | ExpertLoadRequest | WorkerDescribe:
     """Parse a decode worker request (see `DecodeGenerate`). Raises InvalidRequest."""
     parsed = parse_worker_request(inputs)
-    if isinstance(parsed, (WorkerAbort, ExpertLoadRequest)):
+    if isinstance(parsed, (WorkerAbort, ExpertLoadRequest, WorkerDescribe)):
         return parsed
     kv_handle = inputs.get("kv_handle")
     first_token = _scalar(inputs, "first_token", None)
@@ -193,13 +207,17 @@ def parse_decode_request(inputs: Inputs) -> DecodeGenerate | WorkerAbort | Exper
         prefill_pool_saturated=_bool(inputs, "prefill_pool_saturated", False),
         kv_handle=None if kv_handle is None else np.asarray(kv_handle, dtype=np.uint8).tobytes(),
         first_token_id=None if first_token is None else int(first_token),
+        prefill_worker_url=_decode_utf8("prefill_worker_url", _scalar(inputs, "prefill_worker_url", None)) or "",
     )
 
 
-def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck | ExpertLoadRequest:
-    """Parse a prefill worker request: a prompt (its first token is sampled), a hold check, or an expert-load dump."""
+def parse_prefill_request(inputs: Inputs) -> WorkerGenerate | HoldCheck | ExpertLoadRequest | WorkerDescribe:
+    """Parse a prefill worker request: a prompt (its first token is sampled), a hold check, an expert-load
+    dump, or a description."""
     if _bool(inputs, "dump_expert_load", False):
         return ExpertLoadRequest()
+    if _bool(inputs, "describe", False):
+        return WorkerDescribe()
     hold_id = _scalar(inputs, "check_hold_id", None)
     if hold_id is not None:
         return HoldCheck(_decode_utf8("check_hold_id", hold_id))

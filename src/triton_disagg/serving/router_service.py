@@ -1,9 +1,12 @@
 """The `router` model: KV-aware choice of prefill and decode workers for each request.
 
 One instance holds the router state: a prefix index fed by every worker's KV
-events (ZeroMQ), the load it routed, and the live worker set from Triton's
-repository index (workers that load or unload join or leave; the state of
-the others survives). `llm` asks it three things per request: where to go
+events (ZeroMQ), the load it routed, and the live worker set from the
+repository index of its own server and of every worker server that announced
+itself (`add_server`; see `serving.worker_servers`): workers that load or
+unload join or leave, and the state of the others survives. A route names
+each chosen worker's server (empty: this one), which `llm` and the decode
+worker call over gRPC. `llm` asks it three things per request: where to go
 (`route`), that the first token arrived (`first_token`), and that it ended
 (`complete`), and, when a worker failed under a request, `worker_failed`.
 The planner's connector removes a worker with `drain` (no new requests),
@@ -21,7 +24,6 @@ bounded time before it answers the client UNAVAILABLE.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from triton_disagg.serving.live_workers import (
 from triton_disagg.serving.model_calls import ModelCalls, text_array
 from triton_disagg.serving.protocol import parse_routing_mode
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, read_inputs
+from triton_disagg.serving.worker_servers import ServerAddress, WorkerLocations, describe_worker
 from triton_disagg.router.config import RouterConfig, RoutingMode
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.health import WorkerHealth
@@ -49,10 +52,11 @@ from triton_disagg.router.subscriber import KVEventSubscriber, StreamStatus
 logger = logging.getLogger(__name__)
 
 ROUTER_MODEL = "router"
-ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode", "worker_name")
+ROUTER_INPUT_NAMES = ("action", "request_id", "input_ids", "routing_mode", "worker_name", "server")
 ROUTE_OUTPUT_NAMES = (
-    "decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks", "unavailable_reason", "unavailable_detail"
-)
+    "decode_worker", "prefill_worker", "prefill_pool_saturated", "overlap_blocks", "unavailable_reason", "unavailable_detail",
+    "decode_worker_url", "prefill_worker_url",
+)  # fmt: skip
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,6 +65,10 @@ class Route:
     prefill_worker: str | None  # None: no prefill worker is live, or all are busy
     prefill_pool_saturated: bool
     overlap_blocks: int  # prompt blocks the decode worker holds, as far as the router knows
+    #: gRPC endpoint ("host:port") of the decode worker's server; "": the router's own server.
+    decode_url: str = ""
+    #: The same for the prefill worker.
+    prefill_url: str = ""
 
 
 class RouterService:
@@ -76,17 +84,24 @@ class RouterService:
         `repository_headers`: sent with the repository-index polls (the key of a restricted API)."""
         self.config = config
         self._metrics_url = metrics_url
+        self._headers = repository_headers or {}
         self._session = requests.Session()
+        self._session.headers.update(self._headers)
         self.router = KvRouter(config)
         self._kv_events_dir = kv_events_dir
-        self._subscriber = KVEventSubscriber(self.router.index) if kv_events_dir else None
-        self._lock = self._subscriber.lock if self._subscriber else threading.Lock()
+        self._subscriber = KVEventSubscriber(self.router.index)
+        self._lock = self._subscriber.lock
         self._prefill: list[WorkerId] = []
         self._decode: list[WorkerId] = []
         self._draining: set[WorkerId] = set()  # live, but sent no new requests (about to be unloaded)
         self.health = WorkerHealth()
-        self._watcher = RepositoryWatcher(http_url, self._on_live, headers=repository_headers)
-        self._watcher.start()
+        self._locations = WorkerLocations()
+        self._locations.add_server(None, time.monotonic())
+        #: Each live worker's server (None: this one), and the remote ones whose KV events are followed.
+        self._worker_servers: dict[WorkerId, ServerAddress | None] = {}
+        self._followed: dict[WorkerId, ServerAddress] = {}
+        self._watchers: dict[ServerAddress | None, RepositoryWatcher] = {}
+        self._watcher = self._watch(None, http_url)
 
     def route(self, request_id: str, prompt_token_ids: list[int], mode: RoutingMode | None) -> Route:
         """Choose workers and count the request on them.
@@ -122,7 +137,33 @@ class RouterService:
                 prefill_worker=None if prefill_choice is None else prefill_choice.worker_id,
                 prefill_pool_saturated=bool(prefill) and prefill_choice is None,
                 overlap_blocks=decode_choice.overlap_blocks,
+                decode_url=self._url_of(decode_choice.worker_id),
+                prefill_url="" if prefill_choice is None else self._url_of(prefill_choice.worker_id),
             )
+
+    def _url_of(self, worker_id: WorkerId) -> str:
+        """The gRPC endpoint of the worker's server; "" for this server. Call with the lock held."""
+        address = self._worker_servers.get(worker_id)
+        return "" if address is None else address.grpc_url
+
+    def add_server(self, address: ServerAddress) -> None:
+        """Follow the workers of the server at `address` (it announced itself). Idempotent."""
+        with self._lock:
+            if not self._locations.add_server(address, time.monotonic()):
+                return
+        logger.info("following the workers of the Triton server at %s", address.http_url)
+        self._watch(address, address.http_url)
+
+    def _watch(self, address: ServerAddress | None, http_url: str) -> RepositoryWatcher:
+        watcher = RepositoryWatcher(
+            http_url,
+            lambda names: self._on_poll(address, names),
+            headers=self._headers,
+            on_failure=lambda _: self._on_poll(address, None),
+        )
+        self._watchers[address] = watcher
+        watcher.start()
+        return watcher
 
     def worker_failed(self, worker_name: str) -> None:
         """A request saw `worker_name` fail (its stub died, or it went away mid-stream): route around it
@@ -145,8 +186,6 @@ class RouterService:
         return self.health.routable((w for w in worker_ids if w not in self._draining), self._stream_status)
 
     def _stream_status(self, worker_id: WorkerId) -> StreamStatus | None:
-        if self._subscriber is None:
-            return None
         try:
             return self._subscriber.streams.status(worker_id)
         except KeyError:  # not followed yet (added on the subscriber's thread within a poll interval)
@@ -154,6 +193,12 @@ class RouterService:
 
     def _why_no_decode_worker(self) -> ServiceUnavailable:
         if not self._decode:
+            unreachable = self._locations.unreachable_servers()
+            if unreachable:
+                urls = ", ".join(address.grpc_url for address in unreachable)
+                return ServiceUnavailable(
+                    "no_workers", f"no decode worker is loaded; the Triton servers at {urls} do not answer (their workers left)"
+                )
             return ServiceUnavailable("no_workers", "no decode worker is loaded yet; retry once one is")
         if all(w in self._draining for w in self._decode):
             return ServiceUnavailable("all_workers_draining", f"all {len(self._decode)} decode workers are being unloaded")
@@ -207,6 +252,11 @@ class RouterService:
         try:
             inputs = read_inputs(request, ROUTER_INPUT_NAMES)
             action = bytes(inputs["action"].reshape(-1)[0]).decode()
+            if action == "add_server":
+                if inputs["server"] is None:
+                    raise InvalidRequest("action add_server needs server")
+                self.add_server(ServerAddress.decode(bytes(inputs["server"].reshape(-1)[0]).decode()))
+                return pb_utils.InferenceResponse(output_tensors=[])
             if action == "status":
                 num_routable = np.array([self.num_routable_decode_workers()], dtype=np.int32)
                 return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("num_routable_decode", num_routable)])
@@ -232,8 +282,8 @@ class RouterService:
                 return pb_utils.InferenceResponse(output_tensors=[])
             if action != "route":
                 raise InvalidRequest(
-                    "action must be route, first_token, complete, drain, undrain, inflight, worker_failed or "
-                    f"status, got {action!r}"
+                    "action must be route, first_token, complete, drain, undrain, inflight, worker_failed, "
+                    f"status or add_server, got {action!r}"
                 )
             mode = inputs["routing_mode"]
             mode = None if mode is None else parse_routing_mode(bytes(mode.reshape(-1)[0]).decode())
@@ -249,6 +299,8 @@ class RouterService:
                 output_tensors=[
                     bytes_tensor("decode_worker", route.decode_worker),
                     bytes_tensor("prefill_worker", route.prefill_worker or ""),
+                    bytes_tensor("decode_worker_url", route.decode_url),
+                    bytes_tensor("prefill_worker_url", route.prefill_url),
                     pb_utils.Tensor("prefill_pool_saturated", np.array([route.prefill_pool_saturated], dtype=np.bool_)),
                     pb_utils.Tensor("overlap_blocks", np.array([route.overlap_blocks], dtype=np.int32)),
                     bytes_tensor("unavailable_reason", "" if unavailable is None else unavailable.reason),
@@ -259,33 +311,66 @@ class RouterService:
             return error_response(exc)
 
     def shutdown(self) -> None:
-        self._watcher.stop()
-        if self._subscriber is not None:
-            self._subscriber.close()
+        for watcher in list(self._watchers.values()):
+            watcher.stop()
+        self._subscriber.close()
 
-    def _on_live(self, model_names: list[str]) -> None:
-        """Every poll: follow workers that loaded or unloaded, and take in their load reports."""
-        prefill, decode = split_workers(model_names)
+    def _on_poll(self, address: ServerAddress | None, model_names: list[str] | None) -> None:
+        """On a server's watcher thread, after each poll (None: it failed): follow workers that loaded,
+        unloaded or whose server went away, and take in the server's load reports."""
         loads = {}
-        if self._metrics_url:
+        metrics_url = self._metrics_url if address is None else address.metrics_url
+        if model_names is not None and metrics_url:
             try:
-                loads = worker_loads(self._session.get(self._metrics_url, timeout=5).text)
+                loads = worker_loads(self._session.get(metrics_url, timeout=5).text)
             except requests.RequestException as exc:
-                logger.warning("could not read worker loads from %s: %s", self._metrics_url, exc)
+                logger.warning("could not read worker loads from %s: %s", metrics_url, exc)
         with self._lock:
+            now = time.monotonic()
+            self._locations.on_poll(address, model_names, now)
+            forgotten = self._locations.expire(now)
+            located = self._locations.workers()
+            prefill, decode = split_workers(list(located))
             added, removed = self.router.sync_workers([WorkerId(n) for n in prefill + decode])
             for worker_id in removed:
                 self.health.forget(worker_id)
             self._prefill, self._decode = [WorkerId(n) for n in prefill], [WorkerId(n) for n in decode]
             self._draining &= set(self._prefill) | set(self._decode)  # an unloaded worker comes back undrained
+            self._worker_servers = {WorkerId(n): located[n] for n in prefill + decode}
             for worker_id in self.router.worker_ids:
                 if worker_id in loads:
                     self.router.refresh_metrics(worker_id, loads[worker_id])
-        if self._subscriber is not None:
-            for worker_id in removed:
-                self._subscriber.remove_worker(worker_id)
-            for worker_id in added:
+            # A remote worker's stream is followed once it said where it is (below), again if its server changed.
+            moved = [w for w, a in self._followed.items() if self._worker_servers.get(w, a) != a]
+            for worker_id in removed + moved:
+                self._followed.pop(worker_id, None)
+            unfollowed = [
+                w for w in self._prefill + self._decode
+                if address is not None and self._worker_servers[w] == address and w not in self._followed
+            ]  # fmt: skip
+        for server in forgotten:
+            self._watchers.pop(server).stop()
+        for worker_id in removed + moved:
+            self._subscriber.remove_worker(worker_id)
+        for worker_id in added:
+            if self._worker_servers.get(worker_id) is None and self._kv_events_dir:
                 self._subscriber.add_worker(worker_id, *kv_event_endpoints(self._kv_events_dir, worker_id))
+        for worker_id in unfollowed:
+            self._follow_remote(worker_id, address)
+
+    def _follow_remote(self, worker_id: WorkerId, address: ServerAddress) -> None:
+        """Ask a worker on another server where its KV events are, and follow them; retried next poll on failure."""
+        try:
+            info = describe_worker(self._session, address, worker_id)
+        except Exception as exc:  # noqa: BLE001 - still loading, or gone: the next poll tries again
+            logger.info("worker %s on %s did not say where its KV events are yet: %s", worker_id, address.http_url, exc)
+            return
+        with self._lock:
+            if self._worker_servers.get(worker_id) != address:
+                return  # left meanwhile
+            self._followed[worker_id] = address
+        logger.info("following the KV events of %s at %s", worker_id, info.events_endpoint)
+        self._subscriber.add_worker(worker_id, info.events_endpoint, info.dump_endpoint)
 
 
 class RouterClient:
@@ -308,6 +393,8 @@ class RouterClient:
             prefill_worker=output["prefill_worker"].decode() or None,
             prefill_pool_saturated=bool(output["prefill_pool_saturated"]),
             overlap_blocks=int(output["overlap_blocks"]),
+            decode_url=output["decode_worker_url"].decode(),
+            prefill_url=output["prefill_worker_url"].decode(),
         )
 
     def first_token(self, request_id: str) -> None:

@@ -43,6 +43,36 @@ class LLMSettings:
         return self.model_path / "tokenizer.json"
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerNetwork:
+    """How a worker reaches the other models, and where it publishes its KV events.
+
+    A worker of the entry server (the one running the router and the KV directory) publishes on
+    ipc sockets in `kv_events_dir` and calls the directory in its own server; a worker of another
+    server publishes over TCP on `kv_events_host` and calls the directory at `directory_url`,
+    registering there with its own server's `grpc_url`.
+    """
+
+    #: This server's gRPC endpoint ("host:port"), for calls to other models (""; BLS; see `serving.model_calls`).
+    grpc_url: str = ""
+    #: Folder of the KV events' ipc sockets; "" with kv_events_host, or to publish none.
+    kv_events_dir: str = ""
+    #: Address to publish KV events on over TCP (this server's address, as the router reaches it).
+    kv_events_host: str = ""
+    #: gRPC endpoint ("host:port") of the entry server, in a worker server; "": this server is the entry.
+    directory_url: str = ""
+
+    @property
+    def server_url(self) -> str:
+        """What the worker registers in the KV directory as its server: "" in the entry server."""
+        return self.grpc_url if self.directory_url else ""
+
+
+def worker_network(parameters: Mapping[str, str]) -> WorkerNetwork:
+    """A worker model's `grpc_url`, `kv_events_dir`, `kv_events_host` and `directory_url` parameters."""
+    return WorkerNetwork(**{name: parameters.get(name, "").strip() for name in WorkerNetwork.__dataclass_fields__})
+
+
 def model_parameters(model_config: Mapping) -> dict[str, str]:
     """The string parameters of a Triton model config (as passed to `initialize`)."""
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}

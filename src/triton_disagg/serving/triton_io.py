@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 
 import numpy as np
@@ -62,3 +63,14 @@ def error_response(error: Exception) -> "pb_utils.InferenceResponse":
     else:
         code, message = pb_utils.TritonError.INTERNAL, f"{type(error).__name__}: {error}"
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def finalize_service(model) -> None:
+    """A model's `finalize`: shut its service (`model._service`) down and free it while the stub still runs.
+
+    Freed later, at interpreter exit, its Triton metric families (`pb_utils.MetricFamily`) would be
+    deallocated after the stub's shared memory is gone, and the stub would segfault on its way out.
+    """
+    model._service.shutdown()
+    del model._service
+    gc.collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -19,8 +20,10 @@ from triton_disagg.serving.model_calls import calls_to
 from triton_disagg.serving.live_workers import kv_event_endpoints
 from triton_disagg.serving.metrics import WorkerMetrics
 from triton_disagg.serving.moe_metrics import MoeMetrics
+from triton_disagg.serving.settings import WorkerNetwork
 from triton_disagg.serving.tier_metrics import TierMetrics
 from triton_disagg.serving.triton_io import bytes_tensor, error_response, int32_tensor
+from triton_disagg.serving.worker_servers import WorkerInfo
 from triton_disagg.router.config import PublisherConfig
 from triton_disagg.router.events import WorkerId
 from triton_disagg.router.publisher import KVEventPublisher
@@ -28,6 +31,9 @@ from triton_disagg.router.publisher import KVEventPublisher
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two attempts to register with the KV directory of the entry server.
+REGISTER_RETRY_S = 1.0
 
 
 class EngineService:
@@ -37,15 +43,14 @@ class EngineService:
     worker (new pool, new addresses) is a new peer, never a stale one.
     """
 
-    def __init__(
-        self, config: EngineConfig, model_name: str, kv_events_dir: str = "", use_nixl: bool = True, grpc_url: str = ""
-    ) -> None:
-        """`kv_events_dir`: where the KV event sockets go (see `kv_event_endpoints`); empty publishes none.
-        `grpc_url`: this server's gRPC endpoint, for calls to other models (see `serving.model_calls`).
+    def __init__(self, config: EngineConfig, model_name: str, network: WorkerNetwork = WorkerNetwork(), use_nixl: bool = True) -> None:
+        """`network`: how the worker calls other models (its server's gRPC endpoint), where its KV events
+        are published (none when it names no place) and where the KV directory is (see `WorkerNetwork`).
 
         A disk tier (`config.kv_disk_path`) gets a folder per worker under it, named for the model.
         """
         self.model_name = model_name
+        self.network = network
         if config.kv_disk_path:
             config.kv_disk_path = str(Path(config.kv_disk_path) / model_name)
         self.agent_name = f"{model_name}-{uuid.uuid4().hex[:8]}"
@@ -58,16 +63,33 @@ class EngineService:
         self.metrics = WorkerMetrics(model_name, self.engine)
         self.tier_metrics = TierMetrics(model_name, self.engine)
         self.moe_metrics = MoeMetrics(model_name, self.engine.eplb) if self.engine.eplb is not None else None
-        self.calls = calls_to(grpc_url)
-        self.directory = DirectoryClient(self.calls)
+        self.calls = calls_to(network.grpc_url)
+        self.directory = DirectoryClient(calls_to(network.directory_url) if network.directory_url else self.calls)
         self.publisher = None
-        if kv_events_dir:
-            events_endpoint, dump_endpoint = kv_event_endpoints(kv_events_dir, model_name)
+        # Where other servers reach this one (its gRPC endpoint's host): what `describe` tells for an
+        # event socket bound on every address.
+        self._advertised_host = network.grpc_url.rpartition(":")[0]
+        if network.kv_events_host:
+            # Ports chosen at bind: the router asks the worker where they are (`describe`).
+            any_port = f"tcp://{network.kv_events_host}:*"
+            self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(any_port, any_port))
+        elif network.kv_events_dir:
+            events_endpoint, dump_endpoint = kv_event_endpoints(network.kv_events_dir, model_name)
             self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(events_endpoint, dump_endpoint))
         self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self._after_step)
         self._engine_thread.start()
         self._is_registered = not use_nixl
         self._register_lock = threading.Lock()
+        self._stop_registering = threading.Event()
+        if use_nixl and network.directory_url:
+            # The entry server's directory is reached over gRPC, which is safe before the first request:
+            # register now, so a decode worker finds this one before it ever served.
+            threading.Thread(target=self._register_until_done, name=f"register-{model_name}", daemon=True).start()
+
+    def _register_until_done(self) -> None:
+        while not self._is_registered and not self._stop_registering.is_set():
+            self.ensure_registered()
+            self._stop_registering.wait(REGISTER_RETRY_S)
 
     def ensure_registered(self) -> None:
         """Publish this worker's agent in the KV directory, once, from `execute`.
@@ -82,8 +104,9 @@ class EngineService:
             if self._is_registered:
                 return
             connector = self.engine.kv_connector
+            layout = dataclasses.replace(connector.layout, server_url=self.network.server_url)
             try:
-                self.directory.register(connector.layout, connector.metadata)
+                self.directory.register(layout, connector.metadata)
                 self._is_registered = True
             except Exception:  # noqa: BLE001 - the directory may not be loaded yet: retried with the next request
                 logger.warning("could not register %s in the KV directory; will retry", self.agent_name, exc_info=True)
@@ -102,6 +125,14 @@ class EngineService:
     def engine_thread(self) -> EngineThread:
         return self._engine_thread
 
+    def send_info(self, sender) -> None:
+        """Answer a `describe` request: where this worker's KV events are published (`worker_info`, JSON)."""
+        if self.publisher is None:
+            raise InvalidRequest(f"{self.model_name} publishes no KV events")
+        events, dump = (_reachable(e, self._advertised_host) for e in (self.publisher.events_endpoint, self.publisher.dump_endpoint))
+        info = WorkerInfo(events, dump, self.agent_name)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[bytes_tensor("worker_info", info.encode())]), flags=FINAL)
+
     def send_expert_load(self, sender) -> None:
         """Answer a `dump_expert_load` request: the latest expert-load snapshot as JSON (`expert_load`)."""
         if self.moe_metrics is None:
@@ -119,6 +150,7 @@ class EngineService:
         The directory entry stays (BLS from `finalize` is not safe either): it names
         this incarnation only, and a handle naming it fails its hold check.
         """
+        self._stop_registering.set()
         self._engine_thread.stop()
         self.engine.shutdown()
         if self.publisher is not None:
@@ -161,3 +193,10 @@ class ResponseStream:
 
     def on_error(self, error: Exception) -> None:
         self._sender.send(error_response(error), flags=FINAL)
+
+
+def _reachable(endpoint: str, advertised_host: str) -> str:
+    """A bound ZeroMQ endpoint as others dial it: a socket bound on every address is reached at `advertised_host`."""
+    if advertised_host and endpoint.startswith(("tcp://0.0.0.0:", "tcp://*:")):
+        return f"tcp://{advertised_host}:{endpoint.rpartition(':')[2]}"
+    return endpoint

@@ -6,7 +6,8 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.serving.decode import DecodeService
-from triton_disagg.serving.settings import engine_config, grpc_url, min_remote_prefill_tokens, model_parameters
+from triton_disagg.serving.settings import engine_config, min_remote_prefill_tokens, model_parameters, worker_network
+from triton_disagg.serving.triton_io import finalize_service
 
 
 class TritonPythonModel:
@@ -17,8 +18,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the decode model streams its tokens: set decoupled: true")
         parameters = model_parameters(model_config)
         self._service = DecodeService(
-            engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""), min_remote_tokens=min_remote_prefill_tokens(parameters),
-            grpc_url=grpc_url(parameters),
+            engine_config(parameters), args["model_name"], worker_network(parameters), min_remote_tokens=min_remote_prefill_tokens(parameters)
         )
 
     def execute(self, requests):
@@ -27,4 +27,4 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self._service.shutdown()
+        finalize_service(self)

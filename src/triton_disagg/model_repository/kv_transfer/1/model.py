@@ -7,6 +7,7 @@ import os
 from triton_disagg.serving.kv_directory import DirectoryService
 from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV, model_control_headers
 from triton_disagg.serving.settings import model_parameters
+from triton_disagg.serving.triton_io import finalize_service
 
 
 class TritonPythonModel:
@@ -24,4 +25,4 @@ class TritonPythonModel:
         return [self._service.execute(request) for request in requests]
 
     def finalize(self):
-        self._service.shutdown()
+        finalize_service(self)

@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_disagg.serving.llm import LLMService
 from triton_disagg.serving.settings import llm_settings, model_parameters
+from triton_disagg.serving.triton_io import finalize_service
 
 
 class TritonPythonModel:
@@ -23,4 +24,4 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self._service.shutdown()
+        finalize_service(self)

@@ -6,7 +6,8 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from triton_disagg.serving.prefill import PrefillService
-from triton_disagg.serving.settings import engine_config, grpc_url, model_parameters
+from triton_disagg.serving.settings import engine_config, model_parameters, worker_network
+from triton_disagg.serving.triton_io import finalize_service
 
 
 class TritonPythonModel:
@@ -17,7 +18,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the prefill model must be decoupled: set decoupled: true")
         parameters = model_parameters(model_config)
         self._service = PrefillService(
-            engine_config(parameters), args["model_name"], parameters.get("kv_events_dir", ""), grpc_url=grpc_url(parameters)
+            engine_config(parameters), args["model_name"], worker_network(parameters)
         )
 
     def execute(self, requests):
@@ -26,4 +27,4 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self._service.shutdown()
+        finalize_service(self)

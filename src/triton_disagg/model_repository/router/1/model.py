@@ -8,6 +8,7 @@ from triton_disagg.serving.live_workers import MODEL_CONTROL_KEY_ENV, model_cont
 from triton_disagg.serving.router_service import RouterService
 from triton_disagg.serving.settings import model_parameters
 from triton_disagg.router.config import RouterConfig
+from triton_disagg.serving.triton_io import finalize_service
 
 
 class TritonPythonModel:
@@ -28,4 +29,4 @@ class TritonPythonModel:
         return [self._service.execute(request) for request in requests]
 
     def finalize(self):
-        self._service.shutdown()
+        finalize_service(self)

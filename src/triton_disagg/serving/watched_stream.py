@@ -51,7 +51,7 @@ def watched_stream(
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which decides
             received.put(exc)
 
-    threading.Thread(target=pump, name=f"bls-stream-{worker_name}", daemon=True).start()
+    threading.Thread(target=pump, name=f"stream-{worker_name}", daemon=True).start()
     while True:
         try:
             item = received.get(timeout=probe_after_s)
