@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import queue
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +171,24 @@ def client(server) -> Client:
 
 def _is_final(result: grpcclient.InferResult) -> bool:
     return result.get_response().parameters["triton_final_response"].bool_param
+
+
+#: What `serve` prints once everything it started is ready.
+SERVE_READY = "Ctrl-C stops the server."
+
+
+def start_serve(spec_path: Path, log_path: Path, *args: str) -> subprocess.Popen:
+    """`triton-disagg serve --deployment spec_path ARGS` in its own session, its output in `log_path`."""
+    command = [sys.executable, "-m", "triton_disagg.cli.main", "serve", "--deployment", str(spec_path), *args]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_served(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
+    """Wait until `serve` says it is ready; its output so far. Fails with the output if it exits or times out."""
+    deadline_s = time.monotonic() + timeout_s
+    while SERVE_READY not in (out := log_path.read_text()):
+        assert process.poll() is None, out
+        assert time.monotonic() < deadline_s, out
+        time.sleep(0.5)
+    return out

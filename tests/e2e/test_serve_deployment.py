@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 import yaml
 
+from tests.e2e.conftest import start_serve, wait_until_served
 from triton_disagg.launch.server import free_ports
 
 pytestmark = pytest.mark.e2e
@@ -36,18 +34,10 @@ def test_serve_runs_the_spec_with_its_model_name_pools_and_planner(tmp_path, mod
     }
     spec_path = tmp_path / "deploy.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "triton_disagg.cli.main", "serve", "--deployment", str(spec_path)]
-    command += ["--model", str(model_path), "--run-dir", str(tmp_path / "run")]
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_serve(spec_path, log_path, "--model", str(model_path), "--run-dir", str(tmp_path / "run"))
     try:
-        deadline_s = time.monotonic() + 300
-        while "Ctrl-C stops the server." not in log_path.read_text():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline_s, log_path.read_text()
-            time.sleep(0.5)
-        out = log_path.read_text()
+        out = wait_until_served(process, log_path, 300)
         assert "workers  decode_0" in out and "prefill_" not in out
         frontend = f"http://127.0.0.1:{frontend_port}"
         assert [m["id"] for m in requests.get(f"{frontend}/v1/models", timeout=10).json()["data"]] == ["tiny-from-spec"]

@@ -111,9 +111,12 @@ def test_each_pool_is_a_stateful_set_whose_ordinal_is_the_worker_id():
     assert worker["image"] == "registry.example.com/triton-disagg:0.1.0-gpu"
     assert worker["args"] == [
         "serve", "--deployment", "/etc/triton-disagg/deployment.yaml", "--component", "llama-3.1-8b-instruct/prefill",
+        "--entry-host", "llama8b-entry",
     ]  # fmt: skip
     env = env_of(worker)
     assert env["TRITON_DISAGG_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    # The entry's router and KV directory reach the worker at its pod's address.
+    assert env["TRITON_DISAGG_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["WORKER_MODEL"] == "prefill_$(TRITON_DISAGG_WORKER_ID)"
     assert worker["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"}}
     probe = " ".join(worker["readinessProbe"]["exec"]["command"])
@@ -247,3 +250,15 @@ def test_render_writes_one_file_per_kind_or_one_file(tmp_path, capsys):
 )
 def test_a_replica_s_resources_are_split_over_its_pods(quantity, parts, share):
     assert divide_quantity(quantity, parts) == share
+
+
+def test_the_entry_pod_and_service_expose_each_models_entry_server():
+    manifests = render_manifests(load_spec(EXAMPLES_DIR / "two-models.yaml"))
+    service = one(manifests, "Service", "two-models-entry")
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("openai", 8080),
+        ("triton-http", 8000), ("triton-grpc", 8001), ("metrics", 8002),
+        ("triton-http-1", 8100), ("triton-grpc-1", 8101), ("metrics-1", 8102),
+    ]  # fmt: skip
+    entry = container(one(manifests, "Deployment", "two-models-entry"))
+    assert {p["name"] for p in entry["ports"]} == {p["name"] for p in service["spec"]["ports"]}

@@ -143,10 +143,10 @@ def test_deploy_check_says_where_a_valid_spec_runs(capsys):
     assert main(["deploy", "check", str(EXAMPLES_DIR / "local-multi-server.yaml")]) == 0
     out = capsys.readouterr().out
     assert "valid deployment spec 'local-multi'" in out
-    assert "one machine: not yet: servers: 3 Triton servers" in out
+    assert "one machine: runs with `triton-disagg serve --deployment" in out
     assert "Kubernetes:  9 manifests" in out
-    assert main(["deploy", "check", str(EXAMPLES_DIR / "cpu-laptop.yaml")]) == 0
-    assert "one machine: runs with `triton-disagg serve --deployment" in capsys.readouterr().out
+    assert main(["deploy", "check", str(EXAMPLES_DIR / "multi-node-tp.yaml")]) == 0
+    assert "one machine: not yet: models[0].pools[0].parallelism.nodes_per_replica: the engine has no tensor parallelism yet" in capsys.readouterr().out
 
 
 def test_a_spec_is_frozen():

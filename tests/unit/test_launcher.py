@@ -8,6 +8,7 @@ import pytest
 
 from triton_disagg.serving.settings import (
     engine_config,
+    grpc_url,
     llm_settings,
     min_remote_prefill_tokens,
     model_parameters,
@@ -225,3 +226,11 @@ def _parameters_of(pbtxt_path: Path) -> dict[str, str]:
     """Parse the `parameters` entries of a config.pbtxt (the format Triton hands `initialize`)."""
     found = re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"', pbtxt_path.read_text())
     return model_parameters({"parameters": {key: {"string_value": value} for key, value in found}})
+
+
+def test_every_model_that_calls_another_is_given_the_servers_grpc_endpoint(tmp_path):
+    # BLS is not thread-safe in Triton 2.51's Python backend (see serving.model_calls).
+    config = ServerConfig(model_path=fake_checkpoint(tmp_path / "ckpt"), grpc_port=8123)
+    repository = render_model_repository(config, tmp_path / "repo")
+    for template in ("llm", "prefill", "decode"):
+        assert grpc_url(_parameters_of(repository / template / "config.pbtxt")) == "localhost:8123", template

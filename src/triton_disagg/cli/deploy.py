@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from triton_disagg.cli.plan import _parse_bool
 from triton_disagg.deploy.kubernetes import render_manifests
 from triton_disagg.deploy.render import write_manifests
 from triton_disagg.deploy.load import SpecError, load_spec
 from triton_disagg.deploy.spec import DeploymentSpec
-from triton_disagg.launch.deployment import LocalDeployment, check_runs_on_one_machine, local_deployment
-from triton_disagg.launch.flags import EnvFlags
+from triton_disagg.launch.deployment import LocalDeployment, check_runs_on_one_machine, component_deployment, local_deployment
+from triton_disagg.launch.flags import EnvFlags, boolean
 
 
 def add_deploy_parser(commands) -> None:
@@ -27,7 +26,7 @@ def add_deploy_parser(commands) -> None:
     flag("--out", metavar="DIR", default=None, help="directory for the manifests (created; required)")
     flag(
         "--single-file",
-        type=_parse_bool,
+        type=boolean,
         nargs="?",
         const=True,
         default=False,
@@ -63,7 +62,8 @@ def render(args: argparse.Namespace) -> int:
 
 
 def deployment_for_serve(args: argparse.Namespace) -> LocalDeployment:
-    """What `serve --deployment FILE` starts; the model is --model, else the spec's, else the default one.
+    """What `serve --deployment FILE [--component PART]` starts; the first model is --model, else the spec's,
+    else the default one.
 
     Raises SpecError for a bad spec, NotSupportedYet (a ValueError) for one `serve` cannot run here.
     """
@@ -77,14 +77,18 @@ def deployment_for_serve(args: argparse.Namespace) -> LocalDeployment:
         from triton_disagg.launch.flags import default_model
 
         model_path = default_model()
-    return local_deployment(
-        spec,
-        model_path=model_path,
-        run_dir=Path(args.run_dir),
-        api_keys=tuple(key.strip() for key in args.api_keys.split(",") if key.strip()),
-        tritonserver=Path(args.tritonserver) if args.tritonserver else None,
-        model_control_key=args.model_control_key,
-    )
+    common = {
+        "model_path": model_path,
+        "run_dir": Path(args.run_dir),
+        "api_keys": tuple(key.strip() for key in args.api_keys.split(",") if key.strip()),
+        "tritonserver": Path(args.tritonserver) if args.tritonserver else None,
+        "model_control_key": args.model_control_key,
+    }
+    if args.component is not None:
+        return component_deployment(
+            spec, args.component, worker_id=args.worker_id, entry_host=args.entry_host, advertise_host=args.advertise_host, **common
+        )
+    return local_deployment(spec, **common)
 
 
 def _summary(spec: DeploymentSpec) -> str:

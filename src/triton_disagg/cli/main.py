@@ -7,6 +7,7 @@
     plan        grow and shrink a running server's pools (load or SLO policy)
     deploy      check a deployment spec, or render it to Kubernetes manifests
     bench       measure deployments through the OpenAI API with AIPerf
+    bench perf  the performance targets (paged attention, served overhead, relay, prefix reuse, KV transfer)
     expert-load the expert loads and placements of a running server's MoE workers (JSON)
 
 Every flag can also be set through an environment variable, named in --help
@@ -20,13 +21,17 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import requests
 
 from triton_disagg.launch.deployment import add_deployment_flags
 from triton_disagg.launch.flags import EnvFlags, add_serve_flags, default_model, int_list, server_config
 from triton_disagg.launch.frontend import FrontendProcess, add_frontend_flags, frontend_config
 from triton_disagg.launch.planner import PlannerProcess
-from triton_disagg.launch.server import ServerError, TritonServer
+from triton_disagg.launch.server import ServerConfig, ServerError, TritonServer
+from triton_disagg.launch.server_group import ServerGroup, announce
 from triton_disagg.launch.supervisor import StubSupervisor
 from triton_disagg.serving.settings import DEFAULT_MODEL_PATH
 
@@ -42,71 +47,150 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    planner = None
     if (args.component or args.worker_id is not None) and not args.deployment:
         raise ValueError("--component and --worker-id name a part of a deployment: pass --deployment FILE too")
     if args.deployment:
         from triton_disagg.cli.deploy import deployment_for_serve
 
         local = deployment_for_serve(args)
-        server = TritonServer(local.server)
+        if local.announce_to is not None:
+            return _serve_worker_component(local.models[0].server, local.announce_to, args.ready_timeout_s)
+        groups = [ServerGroup(model.server, model.worker_servers) for model in local.models]
+        server = groups[0].entry
         frontend = None if local.frontend is None else FrontendProcess(local.frontend, server.run_dir / "frontend.log")
-        if local.planner_args is not None:
-            planner = PlannerProcess(local.planner_args, server.run_dir / "planner.log", local.server.model_control_key)
+        # Each model's planner (None: off), next to its entry server.
+        planner_of = [
+            None if model.planner_args is None
+            else PlannerProcess(model.planner_args, group.entry.run_dir / "planner.log", model.server.model_control_key)
+            for model, group in zip(local.models, groups)
+        ]  # fmt: skip
     else:
-        server = TritonServer(server_config(args))
+        groups = [ServerGroup(server_config(args))]
+        server = groups[0].entry
         frontend = None
         if args.frontend_port:
             frontend = FrontendProcess(frontend_config(args, server.grpc_url), server.run_dir / "frontend.log")
-    # SIGTERM (docker stop, kill) stops the server the way Ctrl-C does. SIGINT is set too:
-    # a shell without job control starts background commands with it ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_keyboard_interrupt)
+        planner_of = [None]
+    planners = [planner for planner in planner_of if planner is not None]
+    _stop_on_signals()
     try:
-        server.start()
-        print(f"starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
-        server.wait_ready(args.ready_timeout_s)
+        for group in groups:
+            group.start()
+            for started in group.servers:
+                print(f"starting tritonserver (pid {started.pid}); log: {started.log_path}", flush=True)
+        for group in groups:
+            group.wait_ready(args.ready_timeout_s)
         if frontend is not None:
             frontend.start()
             frontend.wait_ready(args.ready_timeout_s)
-        if planner is not None:
+        for planner in planners:
             planner.start()
             planner.wait_ready(args.ready_timeout_s)
-        _print_endpoints(server, frontend, planner)
-        return _wait_for_exit(server, frontend, planner)
+        for i, (group, planner) in enumerate(zip(groups, planner_of)):  # the first block has the frontend and commands to try
+            _print_endpoints(group, frontend if i == 0 else None, planner, try_it=i == 0)
+        print("Ctrl-C stops the server.", flush=True)
+        return _wait_for_exit([s for group in groups for s in group.servers], frontend, planners)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0
     finally:
-        if planner is not None:
+        for planner in planners:
             planner.stop()
         if frontend is not None:
             frontend.stop()
+        for group in groups:
+            group.stop()
+
+
+#: Seconds between a worker pod's announcements to its entry server (which may have restarted).
+ANNOUNCE_INTERVAL_S = 10.0
+
+
+def _serve_worker_component(config: ServerConfig, entry_http_url: str, ready_timeout_s: float) -> int:
+    """`serve --deployment FILE --component MODEL/POOL`: one worker server that joins its model's entry server.
+
+    It announces itself to the entry's router once ready, retrying until the entry answers, and again every
+    ANNOUNCE_INTERVAL_S (idempotent), so an entry server that restarted finds it again.
+    """
+    _stop_on_signals()
+    server = TritonServer(config)
+    try:
+        server.start()
+        print(f"starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
+        server.wait_ready(ready_timeout_s)
+        deadline_s = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                announce(entry_http_url, config, server.model_control_headers)
+                break
+            except (requests.RequestException, ServerError) as exc:
+                if time.monotonic() > deadline_s:
+                    raise ServerError(f"the entry server at {entry_http_url} did not take this worker server: {exc}") from None
+                time.sleep(1.0)
+        print(
+            f"ready: {', '.join(server.worker_names)} of model {config.model_path}, joined the entry server at "
+            f"{entry_http_url}\n  gRPC     {server.grpc_url}\nCtrl-C stops the server.",
+            flush=True,
+        )
+        next_announce_s = time.monotonic() + ANNOUNCE_INTERVAL_S
+
+        def announce_again() -> None:
+            nonlocal next_announce_s
+            if time.monotonic() < next_announce_s:
+                return
+            next_announce_s = time.monotonic() + ANNOUNCE_INTERVAL_S
+            try:
+                announce(entry_http_url, config, server.model_control_headers)
+            except (requests.RequestException, ServerError) as exc:
+                print(f"could not announce this worker server to {entry_http_url}: {exc}", flush=True)
+
+        return _wait_for_exit([server], None, [], every_check=announce_again)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        return 0
+    finally:
         server.stop()
 
 
-def _wait_for_exit(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> int:
-    """Block until the server, the frontend or the planner exits on its own; say which, and return a failing code.
+def _stop_on_signals() -> None:
+    # SIGTERM (docker stop, kill) stops the server the way Ctrl-C does. SIGINT is set too:
+    # a shell without job control starts background commands with it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_keyboard_interrupt)
 
-    Meanwhile, a model whose Python stub died is loaded again (see launch.supervisor).
+
+def _wait_for_exit(
+    servers: list[TritonServer],
+    frontend: FrontendProcess | None,
+    planners: list[PlannerProcess],
+    every_check: Callable[[], None] | None = None,
+) -> int:
+    """Block until a server, the frontend or a planner exits on its own; say which, and return a failing code.
+
+    Meanwhile, a model whose Python stub died is loaded again (see launch.supervisor), and `every_check`
+    runs with each check (twice a second).
     """
-    supervisor = StubSupervisor(server.http_url, server.run_dir, server.model_control_headers)
+    supervisors = [StubSupervisor(s.http_url, s.run_dir, s.model_control_headers) for s in servers]
     while True:
-        try:
-            for model in supervisor.check():
-                print(f"a Python stub of {model} died; loaded {model} again", flush=True)
-        except Exception as exc:  # noqa: BLE001 - the server may be stopping; its exit is noticed below
-            print(f"could not check the server's models: {exc}", flush=True)
-        if not server.is_running():
+        for supervisor in supervisors:
+            try:
+                for model in supervisor.check():
+                    print(f"a Python stub of {model} died; loaded {model} again", flush=True)
+            except Exception as exc:  # noqa: BLE001 - the server may be stopping; its exit is noticed below
+                print(f"could not check the server's models: {exc}", flush=True)
+        if (server := next((s for s in servers if not s.is_running()), None)) is not None:
             code = server.wait()
             print(f"tritonserver exited with code {code}; last lines of {server.log_path}:\n{server.log_tail()}")
             return code or 1
         if frontend is not None and (code := frontend.poll()) is not None:
             print(f"the frontend exited with code {code}; last lines of {frontend.log_path}:\n{frontend.log_tail()}")
             return code or 1
-        if planner is not None and (code := planner.poll()) is not None:
-            print(f"the planner exited with code {code}; last lines of {planner.log_path}:\n{planner.log_tail()}")
-            return code or 1
+        for planner in planners:
+            if (code := planner.poll()) is not None:
+                print(f"the planner exited with code {code}; last lines of {planner.log_path}:\n{planner.log_tail()}")
+                return code or 1
+        if every_check is not None:
+            every_check()
         time.sleep(0.5)
 
 
@@ -156,13 +240,23 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None, planner: PlannerProcess | None = None) -> None:
-    lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(server.worker_names)}"]
+def _print_endpoints(
+    group: ServerGroup, frontend: FrontendProcess | None, planner: PlannerProcess | None, try_it: bool = True
+) -> None:
+    """What one model's servers serve (with its planner), and with `try_it` commands to try."""
+    server = group.entry
+    lines = [f"ready: model {server.config.model_path}", f"  workers  {', '.join(group.worker_names)}"]
+    for worker_server in group.worker_servers:
+        lines.append(f"  worker server {worker_server.grpc_url}: {', '.join(worker_server.worker_names)}")
     if frontend is not None:
         lines.append(f"  OpenAI   {frontend.url}/v1  (log: {frontend.log_path})")
     if planner is not None:
         lines.append(f"  planner  {planner.metrics_url}  (log: {planner.log_path})")
-    lines += [f"  HTTP     {server.http_url}", f"  gRPC     {server.grpc_url}", f"  metrics  {server.metrics_url}", "try:"]
+    lines += [f"  HTTP     {server.http_url}", f"  gRPC     {server.grpc_url}", f"  metrics  {server.metrics_url}"]
+    if not try_it:
+        print("\n".join(lines), flush=True)
+        return
+    lines.append("try:")
     auth = " -H 'Authorization: Bearer <key>'" if frontend is not None and frontend.config.api_keys else ""
     if frontend is not None:
         lines += [
@@ -172,7 +266,6 @@ def _print_endpoints(server: TritonServer, frontend: FrontendProcess | None, pla
     lines += [
         f"  curl -N {server.http_url}/v2/models/llm/generate_stream \\",
         """    -d '{"text_input": "Hello", "max_tokens": 16, "stream": true}'""",
-        "Ctrl-C stops the server.",
     ]
     print("\n".join(lines), flush=True)
 
@@ -258,12 +351,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from triton_disagg.tools.bench import add_bench_flags, bench
 
+    # No abbreviated flags: `bench perf --out` would otherwise read as an abbreviation of bench's own.
     bench_parser = commands.add_parser(
-        "bench", help="measure deployments through the OpenAI API with AIPerf (sweep, rate, trace replay)"
+        "bench", help="measure deployments through the OpenAI API with AIPerf (sweep, rate, trace replay)", allow_abbrev=False
     )
     bench_parser.set_defaults(run=bench)
     add_bench_flags(EnvFlags(bench_parser), int_list)
+    # `bench perf` is a sub-command of its own; plain `bench ...` keeps running AIPerf.
+    bench_commands = bench_parser.add_subparsers(required=False, metavar="{perf}")
+    perf_parser = bench_commands.add_parser(
+        "perf", help="measure the performance targets side by side in one run; write DIR/bench_perf.json"
+    )
+    perf_parser.set_defaults(run=bench_perf)
+    from triton_disagg.tools.bench_perf import add_perf_flags
+
+    add_perf_flags(EnvFlags(perf_parser))
     return parser
+
+
+def bench_perf(args: argparse.Namespace) -> int:
+    from triton_disagg.tools.bench_perf import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from triton_disagg.planner.core import Planner
 from triton_disagg.planner.inventory import DeviceInventory, parse_inventory
 from triton_disagg.planner.process import PlannerLoop, PlannerMetrics
 from triton_disagg.planner.profile import PerformanceProfile
+from triton_disagg.launch.flags import boolean
 from triton_disagg.launch.server import DEFAULT_RUN_DIR
 
 logger = logging.getLogger("triton_disagg.planner")
@@ -268,10 +269,10 @@ def add_plan_flags(flag) -> None:
     flag("--profile", metavar="FILE", default=None, help="profile file for the slo policy (triton-disagg profile)")
     for name, field, kind, text in _CONFIG_FLAGS:
         if kind == "bool":
-            flag(name, type=_parse_bool, nargs="?", const=True, default=getattr(_CONFIG_DEFAULTS, field), help=text)
+            flag(name, type=boolean, nargs="?", const=True, default=getattr(_CONFIG_DEFAULTS, field), help=text)
         else:
             flag(name, type=kind, default=getattr(_CONFIG_DEFAULTS, field), help=text)
-    flag("--dry-run", type=_parse_bool, nargs="?", const=True, default=False, help="log decisions, change nothing")
+    flag("--dry-run", type=boolean, nargs="?", const=True, default=False, help="log decisions, change nothing")
     flag("--api-key-header", metavar="NAME=VALUE", default=None, help="header for a restricted model-repository API")
     flag("--planner-port", type=int, default=defaults.metrics_port, help="port of the planner's own metrics (0: any)")
     flag("--drain-timeout-s", type=float, default=defaults.drain_timeout_s, help="longest wait for a worker to drain")
@@ -343,12 +344,3 @@ def plan(args) -> int:
     finally:
         loop.metrics.close()
     return 0
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{text!r} is not a boolean; use true or false")

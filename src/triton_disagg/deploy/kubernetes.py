@@ -18,7 +18,7 @@ the launcher starts `tritonserver --model-control-mode=explicit`.
 
 from __future__ import annotations
 
-from triton_disagg.deploy.pods import PodBuilder, labels_of
+from triton_disagg.deploy.pods import PodBuilder, entry_triton_ports, labels_of
 from triton_disagg.deploy.load import SpecError, dump_spec
 from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Role
 
@@ -33,7 +33,7 @@ def render_manifests(spec: DeploymentSpec) -> list[dict]:
     Raises SpecError for a spec that cannot run on Kubernetes (a planner bound to the triton connector).
     """
     names = Names(spec)
-    pods = PodBuilder(spec, config_map=names.config_map)
+    pods = PodBuilder(spec, config_map=names.config_map, entry_service=names.entry)
     manifests = [_config_map(spec, names)]
     planned = [m for m in spec.models if m.planner.policy != "off"]
     for i, model in enumerate(spec.models):
@@ -79,12 +79,7 @@ def _config_map(spec: DeploymentSpec, names: Names) -> dict:
 
 
 def _entry_service(spec: DeploymentSpec, names: Names) -> dict:
-    server = spec.entry_server
-    ports = [
-        {"name": "triton-http", "port": server.http_port, "targetPort": "triton-http"},
-        {"name": "triton-grpc", "port": server.grpc_port, "targetPort": "triton-grpc"},
-        {"name": "metrics", "port": server.metrics_port, "targetPort": "metrics"},
-    ]
+    ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in entry_triton_ports(spec)]
     if spec.frontend.port:
         ports.insert(0, {"name": "openai", "port": spec.frontend.port, "targetPort": "openai"})
     return {

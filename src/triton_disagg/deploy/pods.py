@@ -16,8 +16,20 @@ from triton_disagg.deploy.spec import DeploymentSpec, ModelSpec, PoolSpec, Resou
 
 SPEC_DIR = "/etc/triton-disagg"
 GPU_RESOURCE = "nvidia.com/gpu"
-#: The environment variable of `serve --worker-id`.
+#: The environment variables of `serve --worker-id` and `serve --advertise-host`.
 WORKER_ID_ENV = "TRITON_DISAGG_WORKER_ID"
+ADVERTISE_HOST_ENV = "TRITON_DISAGG_ADVERTISE_HOST"
+
+
+def entry_triton_ports(spec: DeploymentSpec) -> list[dict]:
+    """The entry pod's Triton ports: the first model's entry server, then each other model's (suffixed by its index)."""
+    ports = []
+    for m, model in enumerate(spec.models):
+        server = spec.model_server(model)
+        suffix = "" if m == 0 else f"-{m}"
+        named = (("triton-http", server.http_port), ("triton-grpc", server.grpc_port), ("metrics", server.metrics_port))
+        ports += [{"name": f"{name}{suffix}", "containerPort": port} for name, port in named]
+    return ports
 
 
 def labels_of(spec: DeploymentSpec, component: str, model: ModelSpec | None = None, pool: PoolSpec | None = None) -> dict[str, str]:
@@ -58,9 +70,11 @@ class PodBuilder:
     STATEFUL_SET_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
     LWS_GROUP_INDEX = "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"
 
-    def __init__(self, spec: DeploymentSpec, config_map: str) -> None:
+    def __init__(self, spec: DeploymentSpec, config_map: str, entry_service: str) -> None:
+        """`entry_service`: the Service of the entry pod, where worker pods reach their model's entry server."""
         self.spec = spec
         self.config_map = config_map
+        self.entry_service = entry_service
 
     def _serve_args(self, component: str) -> list[str]:
         return ["serve", "--deployment", f"{SPEC_DIR}/deployment.yaml", "--component", component]
@@ -106,7 +120,7 @@ class PodBuilder:
     def entry_template(self, labels: dict[str, str]) -> dict:
         """The entry server (llm, routers, KV directory) with the OpenAI frontend in the same container."""
         spec = self.spec
-        ports = self._triton_ports(spec.entry_server)
+        ports = entry_triton_ports(spec)
         container = self._container(self._serve_args("entry"), ports, _resources(spec.frontend.resources))
         if spec.frontend.port:
             ports.insert(0, {"name": "openai", "containerPort": spec.frontend.port})
@@ -130,11 +144,15 @@ class PodBuilder:
         server = self.spec.pool_server(pool)
         worker = f"{pool.role.template}_$({WORKER_ID_ENV})"
         container = self._container(
-            self._serve_args(f"{model.name}/{pool.pool_name}"),
+            [*self._serve_args(f"{model.name}/{pool.pool_name}"), "--entry-host", self.entry_service],
             self._triton_ports(server),
             _resources(pool.resources, nodes),
         )
-        container["env"] = [{"name": WORKER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": index_field}}}]
+        container["env"] = [
+            {"name": WORKER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": index_field}}},
+            # The entry server's router and KV directory reach this pod's Triton and event sockets here.
+            {"name": ADVERTISE_HOST_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ]
         if nodes == 1 or is_leader:
             # Ready when Triton is and the worker model is loaded: Triton alone turns ready before its workers load.
             container["env"].append({"name": "WORKER_MODEL", "value": worker})

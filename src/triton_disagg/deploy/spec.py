@@ -274,6 +274,9 @@ class ModelSpec(_Spec):
     block_size: Annotated[int, Field(ge=1)] = 16
     #: Instances of the `llm` entry model.
     llm_instances: Annotated[int, Field(ge=1)] = 2
+    #: The server running this model's `llm`, router and KV directory (a name under `servers`); None: the
+    #: frontend's. Models side by side each need their own: a Triton server holds one model's pipeline.
+    server: str | None = None
     router: RouterSettings = RouterSettings()
     planner: PlannerSettings = PlannerSettings()
     pools: Annotated[list[PoolSpec], Field(min_length=1)]
@@ -341,6 +344,10 @@ class DeploymentSpec(_Spec):
     def entry_server(self) -> ServerSpec:
         return self.server(self.frontend.server)
 
+    def model_server(self, model: ModelSpec) -> ServerSpec:
+        """The server running `model`'s `llm`, router and KV directory."""
+        return self.server(model.server) if model.server is not None else self.entry_server
+
     def pool_server(self, pool: PoolSpec) -> ServerSpec:
         return self.server(pool.server)
 
@@ -376,6 +383,8 @@ def _reference_problems(spec: DeploymentSpec) -> list[str]:
             problems.append(f"{where}.name: {model.name!r} gives the Kubernetes name {model.slug!r}, empty or taken; rename it")
         names.append(model.name)
         slugs.append(model.slug)
+        if model.server is not None and model.server not in server_names:
+            problems.append(f"{where}.server: {model.server!r} is not one of the servers ({known})")
         roles = {pool.role for pool in model.pools}
         if Role.AGGREGATED in roles and roles & {Role.PREFILL, Role.DECODE}:
             problems.append(f"{where}.pools: an aggregated pool cannot be combined with prefill or decode pools")

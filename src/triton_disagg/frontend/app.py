@@ -56,15 +56,22 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = app.state
-        state.llm = llm or TritonLLM(config.triton_url)
+        first = llm or TritonLLM(config.triton_url)
+        opened = [] if llm is not None else [first]
+        backends: dict[str, _Backend] = {}
+        app.state.backends = backends
         try:
-            state.model = model or await _resolve_model(config, state.llm)
-            logger.info("serving %s as %r (context window %d tokens)", config.triton_url, state.model.name, state.model.max_model_len)
+            served = model or await _resolve_model(config, first)
+            backends[served.name] = _Backend(served, first)
+            for name, url in config.more_models:
+                opened.append(other := TritonLLM(url))
+                backends[name] = _Backend(await _resolve_model(config, other, name), other)
+            for name, backend in backends.items():
+                logger.info("serving %r from %s (context window %d tokens)", name, backend.llm.url, backend.model.max_model_len)
             yield
         finally:
-            if llm is None:
-                await state.llm.close()
+            for opened_llm in opened:
+                await opened_llm.close()
 
     app = FastAPI(title="triton-disagg", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
@@ -79,15 +86,19 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        llm: TritonLLM = request.app.state.llm
-        if not await llm.is_ready():
-            detail = "Triton or its llm model is not ready"
-        elif not await llm.num_routable_decode_workers():
-            detail = "no decode worker is routable (none loaded yet, or all being replaced)"
-        else:
-            return JSONResponse({"status": "ok"})
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
-        return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503, headers=headers)
+        """Ready when a request for any model listed would be served now."""
+        backends: dict[str, _Backend] = request.app.state.backends
+        for name, backend in backends.items():
+            about = f" (model {name!r})" if len(backends) > 1 else ""
+            if not await backend.llm.is_ready():
+                detail = f"Triton or its llm model is not ready{about}"
+            elif not await backend.llm.num_routable_decode_workers():
+                detail = f"no decode worker is routable (none loaded yet, or all being replaced){about}"
+            else:
+                continue
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503, headers=headers)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -95,42 +106,49 @@ def create_app(config: FrontendConfig, llm: TritonLLM | None = None, model: Serv
 
     @app.get("/v1/models", dependencies=authorized)
     async def list_models(request: Request) -> dict:
-        return {"object": "list", "data": [_model_card(request.app.state.model)]}
+        return {"object": "list", "data": [_model_card(b.model) for b in request.app.state.backends.values()]}
 
     @app.get("/v1/models/{name:path}", dependencies=authorized)
     async def get_model(name: str, request: Request) -> dict:
-        _check_model(request.app.state.model, name)
-        return _model_card(request.app.state.model)
+        return _model_card(_backend_for(request, name).model)
 
     @app.post(COMPLETIONS, dependencies=authorized)
     async def completions(request: Request) -> Response:
-        timer, body, served = await _begin(request, CompletionRequest)
+        timer, body, backend = await _begin(request, CompletionRequest)
+        served = backend.model
         num_prompt_tokens = await _count_tokens(served, body.prompt_text)
         max_tokens = body.max_tokens
         if max_tokens is None:  # OpenAI's default, cut to what the context window leaves
             max_tokens = max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, served.max_model_len - num_prompt_tokens))
         max_tokens = served.check_fits(num_prompt_tokens, max_tokens, "prompt")
         params = _generate_params(body, body.prompt_text, max_tokens, echo=body.echo)
-        return await _generate(request, COMPLETIONS, body, params, _CompletionShape(served.name), timer)
+        return await _generate(request, backend.llm, COMPLETIONS, body, params, _CompletionShape(served.name), timer)
 
     @app.post(CHAT_COMPLETIONS, dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
-        timer, body, served = await _begin(request, ChatCompletionRequest)
+        timer, body, backend = await _begin(request, ChatCompletionRequest)
+        served = backend.model
         prompt, num_prompt_tokens = await _render_chat(served, body.chat_messages())
         max_tokens = served.check_fits(num_prompt_tokens, body.requested_max_tokens, "messages")
         params = _generate_params(body, prompt, max_tokens, add_special_tokens=False)
-        return await _generate(request, CHAT_COMPLETIONS, body, params, _ChatShape(served.name), timer)
+        return await _generate(request, backend.llm, CHAT_COMPLETIONS, body, params, _ChatShape(served.name), timer)
 
     return app
 
 
+@dataclass(slots=True, frozen=True)
+class _Backend:
+    """A model the frontend serves and the `llm` model of the Triton server that runs it."""
+
+    model: ServedModel
+    llm: TritonLLM
+
+
 async def _begin(request: Request, model: type[BaseModel]):
-    """Start timing a generation request, parse its body and check its model: (timer, body, served model)."""
+    """Start timing a generation request, parse its body and find its model: (timer, body, backend)."""
     timer = RequestTimer(request.app.state.metrics)  # TTFT counts from here: parsing and tokenizing included
     body = await _parse(request, model)
-    served: ServedModel = request.app.state.model
-    _check_model(served, body.model)
-    return timer, body, served
+    return timer, body, _backend_for(request, body.model)
 
 
 #: Prompts longer than this (characters) are tokenized on a thread, not on the event loop.
@@ -173,9 +191,12 @@ async def _parse(request: Request, model: type[BaseModel]):
         raise _validation_error(e.errors()) from None
 
 
-async def _resolve_model(config: FrontendConfig, llm: TritonLLM) -> ServedModel:
-    """The served model: from config.model_path, else from the `llm` model's parameters (waiting for Triton)."""
-    path, max_model_len = config.model_path, config.max_model_len
+async def _resolve_model(config: FrontendConfig, llm: TritonLLM, name: str | None = None) -> ServedModel:
+    """The served model: from config.model_path, else from the `llm` model's parameters (waiting for Triton).
+
+    With `name` (a model of config.more_models), always from its `llm` model's parameters.
+    """
+    path, max_model_len = (None, None) if name is not None else (config.model_path, config.max_model_len)
     if path is None:
         parameters = await _wait_for_llm(config, llm)
         if not parameters.get("model_path"):
@@ -185,7 +206,7 @@ async def _resolve_model(config: FrontendConfig, llm: TritonLLM) -> ServedModel:
         max_tokens_limit = int(parameters.get("max_tokens_limit") or 0) or None
     else:
         max_tokens_limit = None  # the llm model's limit still applies; its refusal is a 400 too
-    return ServedModel.from_checkpoint(config.served_model_name or _name_of(path), path, max_model_len, max_tokens_limit)
+    return ServedModel.from_checkpoint(name or config.served_model_name or _name_of(path), path, max_model_len, max_tokens_limit)
 
 
 async def _wait_for_llm(config: FrontendConfig, llm: TritonLLM) -> dict[str, str]:
@@ -193,7 +214,7 @@ async def _wait_for_llm(config: FrontendConfig, llm: TritonLLM) -> dict[str, str
     deadline = loop.time() + config.startup_timeout_s
     while not await llm.is_ready():
         if loop.time() > deadline:
-            raise RuntimeError(f"Triton at {config.triton_url} has no ready llm model after {config.startup_timeout_s:.0f} s")
+            raise RuntimeError(f"Triton at {llm.url} has no ready llm model after {config.startup_timeout_s:.0f} s")
         await asyncio.sleep(0.5)
     return await llm.model_parameters()
 
@@ -214,9 +235,14 @@ async def _check_api_key(request: Request) -> None:
         raise OpenAIError(401, "the API key is not valid", code="invalid_api_key")
 
 
-def _check_model(served: ServedModel, name: str) -> None:
-    if name != served.name:
-        raise OpenAIError(404, f"the model `{name}` does not exist; this server serves `{served.name}`", param="model", code="model_not_found")
+def _backend_for(request: Request, name: str) -> _Backend:
+    """The backend serving model `name`; OpenAIError 404 naming the served models when there is none."""
+    backends: dict[str, _Backend] = request.app.state.backends
+    backend = backends.get(name)
+    if backend is None:
+        served = ", ".join(f"`{n}`" for n in backends)
+        raise OpenAIError(404, f"the model `{name}` does not exist; this server serves {served}", param="model", code="model_not_found")
+    return backend
 
 
 def _model_card(served: ServedModel) -> dict:
@@ -291,11 +317,11 @@ class _Generation:
     a generation neither answered nor failed by then was cancelled by its client.
     """
 
-    def __init__(self, request: Request, endpoint: str, params: GenerateParams, timer: RequestTimer) -> None:
+    def __init__(self, request: Request, llm: TritonLLM, endpoint: str, params: GenerateParams, timer: RequestTimer) -> None:
         self.metrics: FrontendMetrics = request.app.state.metrics
         self.endpoint = endpoint
         self.timer = timer
-        self.deltas = request.app.state.llm.generate(params)
+        self.deltas = llm.generate(params)
         #: Answered, or answered with an error; not cancelled by the client.
         self.is_ended = False
         self._is_released = False
@@ -329,9 +355,9 @@ class _Generation:
         await self.deltas.aclose()
 
 
-async def _generate(request: Request, endpoint: str, body, params: GenerateParams, shape, timer: RequestTimer) -> Response:
-    """Run one generation; answer it whole, or stream it as server-sent events."""
-    generation = _Generation(request, endpoint, params, timer)
+async def _generate(request: Request, llm: TritonLLM, endpoint: str, body, params: GenerateParams, shape, timer: RequestTimer) -> Response:
+    """Run one generation on `llm`; answer it whole, or stream it as server-sent events."""
+    generation = _Generation(request, llm, endpoint, params, timer)
     is_streaming = False
     try:
         # Wait for the first delta before answering, so an error at the start gets its own status.

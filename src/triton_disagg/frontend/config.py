@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 @dataclass(slots=True)
 class FrontendConfig:
-    """One frontend in front of one Triton server. Defaults run on a laptop."""
+    """One frontend in front of a model's Triton server, and of more models' servers. Defaults run on a laptop."""
 
     #: Triton's gRPC endpoint (host:port).
     triton_url: str = "localhost:8001"
@@ -29,6 +30,9 @@ class FrontendConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: How long to wait at start for Triton's llm model to be ready.
     startup_timeout_s: float = 300.0
+    #: More models served side by side: (name clients send as `model`, its entry server's gRPC endpoint).
+    #: Each one's tokenizer, chat template and context window come from its `llm` model.
+    more_models: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -39,3 +43,19 @@ class FrontendConfig:
             raise ValueError("api_keys must not contain empty keys")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        names = [name for name, _ in self.more_models]
+        for name, url in self.more_models:
+            if not name or not re.fullmatch(r"[^\s:/]+:\d+", url):
+                raise ValueError(f"more_models: each entry is NAME=HOST:PORT (a model name and its Triton gRPC endpoint), got {name}={url}")
+            if names.count(name) > 1 or name == self.served_model_name:
+                raise ValueError(f"more_models: model {name!r} is named twice")
+
+    @staticmethod
+    def parse_model_routes(text: str) -> tuple[tuple[str, str], ...]:
+        """`NAME=HOST:PORT[,...]` (the --more-models flag) as ((name, url), ...)."""
+        routes = []
+        for route in text.split(","):
+            if route.strip():
+                name, _, url = route.partition("=")
+                routes.append((name.strip(), url.strip()))
+        return tuple(routes)

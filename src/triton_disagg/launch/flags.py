@@ -35,6 +35,16 @@ class EnvFlags:
         self._parser.add_argument(flag, type=type, default=default, help=f"{help} [env {env_name}{shown}]", **kwargs)
 
 
+def boolean(raw: str) -> bool:
+    """A boolean flag value: true/false, 1/0, yes/no, on/off (for `nargs="?", const=True` switches)."""
+    lowered = str(raw).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean; use true or false")
+
+
 def int_list(raw: str) -> tuple[int, ...]:
     """A comma-separated list of integers ("16,32,64"), for grid flags."""
     return tuple(int(part) for part in raw.split(",") if part.strip())

@@ -46,6 +46,8 @@ class FrontendProcess(ServiceProcess):
             command += ["--model-path", str(config.model_path)]
         if config.max_model_len:
             command += ["--max-model-len", str(config.max_model_len)]
+        if config.more_models:
+            command += ["--more-models", ",".join(f"{name}={url}" for name, url in config.more_models)]
         env = dict(os.environ)
         env.pop(API_KEYS_ENV, None)
         if config.api_keys:
@@ -66,6 +68,13 @@ def add_frontend_flags(flag, *, port_help: str = "port of the OpenAI API") -> No
     )
     flag("--served-model-name", default=None, help="the model name clients send (default: the checkpoint directory's name)")
     flag("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
+    flag(
+        "--more-models",
+        metavar="NAME=HOST:PORT[,...]",
+        default="",
+        help="more models to serve side by side: for each, the name clients send as `model` and the gRPC endpoint "
+        "of the Triton server running its llm; requests are routed by `model`",
+    )
 
 
 def frontend_config(args, triton_url: str, **overrides) -> FrontendConfig:
@@ -77,5 +86,6 @@ def frontend_config(args, triton_url: str, **overrides) -> FrontendConfig:
         api_keys=tuple(key.strip() for key in args.api_keys.split(",") if key.strip()),
         served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
+        more_models=FrontendConfig.parse_model_routes(args.more_models),
         **overrides,
     )

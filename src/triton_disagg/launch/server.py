@@ -75,6 +75,15 @@ class ServerConfig:
     prefill_workers: int = 1
     #: Decode workers `decode_<j>` loaded at start.
     decode_workers: int = 1
+    #: Ids of this server's first prefill and decode workers: a worker's name is unique over every
+    #: server of a deployment (`prefill_<first_prefill_id>`, ...).
+    first_prefill_id: int = 0
+    first_decode_id: int = 0
+    #: gRPC endpoint ("host:port") of the entry server (the one running `llm`, the router and the KV
+    #: directory) when this server runs only workers for it; None: this is the entry server.
+    entry_grpc_url: str | None = None
+    #: An entry server whose deployment has worker servers: it may run no worker itself.
+    has_worker_servers: bool = False
     #: Shortest uncached prompt part (tokens) a decode worker has prefilled on a prefill worker.
     min_remote_prefill_tokens: int = 512
     #: The router's default mode: kv, approx, round_robin or random.
@@ -117,10 +126,17 @@ class ServerConfig:
     exit_timeout_s: int = 10
     #: Extra `tritonserver` arguments, appended last.
     extra_args: tuple[str, ...] = ()
+    #: Folder of model templates to render (None: the package's own `model_repository`).
+    model_templates: Path | None = None
+    #: The address other servers reach this one at, when it listens on every address (`host` 0.0.0.0;
+    #: a pod's IP on Kubernetes); None: `host`.
+    advertise_host: str | None = None
 
     @property
     def connect_host(self) -> str:
-        """The host a client on this machine dials."""
+        """The host a client dials: `advertise_host`, else `host` (localhost when that is every address)."""
+        if self.advertise_host:
+            return self.advertise_host
         return "localhost" if self.host in ("0.0.0.0", "::") else self.host
 
     @property
@@ -130,6 +146,22 @@ class ServerConfig:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.connect_host}:{self.metrics_port}/metrics"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.connect_host}:{self.grpc_port}"
+
+    @property
+    def is_entry(self) -> bool:
+        """Whether this server runs `llm`, the router and the KV directory (else only workers)."""
+        return self.entry_grpc_url is None
+
+    @property
+    def worker_names(self) -> list[str]:
+        """The workers loaded at start, prefill first."""
+        return [f"prefill_{self.first_prefill_id + k}" for k in range(self.prefill_workers)] + [
+            f"decode_{self.first_decode_id + j}" for j in range(self.decode_workers)
+        ]
 
     def validate(self) -> None:
         if not (Path(self.model_path) / "config.json").is_file():
@@ -143,10 +175,22 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 1..65535, got {port}")
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
-        if self.decode_workers < 1:
+        if self.decode_workers < 0 or (self.decode_workers == 0 and self.is_entry and not self.has_worker_servers):
             raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
         if self.prefill_workers < 0:
             raise ValueError(f"prefill_workers must be >= 0, got {self.prefill_workers}")
+        if self.first_prefill_id < 0 or self.first_decode_id < 0:
+            raise ValueError("first_prefill_id and first_decode_id must be >= 0")
+        if not self.is_entry:
+            if self.host in ("0.0.0.0", "::") and not self.advertise_host:
+                raise ValueError(
+                    f"host: a worker server is reached by the entry server at its own address; set one instead of "
+                    f"{self.host}, or the address to advertise (advertise_host)"
+                )
+            if not re.fullmatch(r"[^\s:/]+:\d+", self.entry_grpc_url or ""):
+                raise ValueError(f"entry_grpc_url must be host:port (the entry server's gRPC endpoint), got {self.entry_grpc_url!r}")
+            if not self.prefill_workers + self.decode_workers:
+                raise ValueError("a worker server needs workers: set prefill_workers or decode_workers")
         if self.llm_instances < 1:
             raise ValueError(f"llm_instances must be >= 1, got {self.llm_instances}")
         if self.block_size < 1:
@@ -168,19 +212,12 @@ class ServerConfig:
             raise ValueError("model_control_key must be non-empty printable ASCII without spaces (it is sent as a header)")
 
 
-class ChildProcess:
-    """What a child process we start has in common: a log, and use as a context manager.
+class Startable:
+    """Use as a context manager: start(), wait_ready(), and stop() on leaving (or when it never got ready).
 
     Subclasses define start() (spawn, return at once), wait_ready() (block until
-    it serves; raise if it cannot) and stop() (end it, idempotent), and set log_path.
+    it serves; raise if it cannot) and stop() (end it, idempotent).
     """
-
-    log_path: Path
-
-    def log_tail(self, num_lines: int = 40) -> str:
-        if not self.log_path.is_file():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def __enter__(self):
         self.start()
@@ -193,6 +230,20 @@ class ChildProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class ChildProcess(Startable):
+    """What a child process we start has in common: a log, and use as a context manager.
+
+    Subclasses define start(), wait_ready() and stop() (see Startable), and set log_path.
+    """
+
+    log_path: Path
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
 
 @dataclass(slots=True, frozen=True)
@@ -294,7 +345,15 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
     }
     kv_events_dir = Path(config.run_dir).resolve() / "kv_events"
     kv_events_dir.mkdir(parents=True, exist_ok=True)
-    engine["kv_events_dir"] = str(kv_events_dir)
+    # The models call one another through this server's gRPC endpoint, not BLS (see serving.model_calls).
+    engine["grpc_url"] = config.grpc_url
+    if config.is_entry:
+        engine["kv_events_dir"] = str(kv_events_dir)
+    else:
+        # The router of the entry server follows this server's workers' KV events over TCP, and they
+        # register with the KV directory there.
+        engine["kv_events_host"] = config.host
+        engine["directory_url"] = config.entry_grpc_url
     parameters = {
         "prefill": engine
         | {
@@ -312,9 +371,7 @@ def render_model_repository(config: ServerConfig, dest: Path, templates: Path = 
             "route_wait_s": str(config.route_wait_s),
             "migration_limit": str(config.migration_limit),
             "max_tokens_limit": "" if config.max_tokens_limit is None else str(config.max_tokens_limit),
-            # llm calls the router and the workers through this server's gRPC endpoint, not BLS (see
-            # serving.model_calls); the workers keep BLS for now (few calls, from fewer threads).
-            "grpc_url": f"{config.connect_host}:{config.grpc_port}",
+            "grpc_url": engine["grpc_url"],
         },
         "kv_transfer": {"server_host": config.connect_host, "http_port": str(config.http_port)},
         "router": {
@@ -360,7 +417,7 @@ class TritonServer(ChildProcess):
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.connect_host}:{self.config.grpc_port}"
+        return self.config.grpc_url
 
     @property
     def metrics_url(self) -> str:
@@ -385,14 +442,16 @@ class TritonServer(ChildProcess):
         installation = find_tritonserver(self.config.tritonserver)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_directory(installation, self.run_dir / "backends")
-        repository = render_model_repository(self.config, self.run_dir / "model_repository")
+        repository = render_model_repository(
+            self.config, self.run_dir / "model_repository", self.config.model_templates or MODEL_TEMPLATES
+        )
         for name in self.worker_names:
             write_worker(repository, name.rsplit("_", 1)[0], name)
         command = [
             str(installation.binary),
             f"--model-repository={repository}",
             "--model-control-mode=explicit",
-            *(f"--load-model={model}" for model in (*MODELS, *self.worker_names)),
+            *(f"--load-model={model}" for model in self.model_names),
             f"--backend-directory={backend_dir}",
             f"--http-port={self.config.http_port}",
             f"--grpc-port={self.config.grpc_port}",
@@ -421,14 +480,16 @@ class TritonServer(ChildProcess):
         if self._process is None:
             raise ServerError("server not started; call start() first")
         deadline = time.monotonic() + timeout_s
-        models = (*MODELS, *self.worker_names)
-        self._wait_for([f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in models], deadline, timeout_s)
-        self._wait_for_router(deadline, timeout_s)
+        urls = [f"{self.http_url}/v2/health/ready"] + [f"{self.http_url}/v2/models/{m}/ready" for m in self.model_names]
+        self._wait_for(urls, deadline, timeout_s)
+        if self.config.is_entry:
+            self.wait_for_router(self.worker_names, deadline, timeout_s)
 
-    def _wait_for_router(self, deadline: float, timeout_s: float) -> None:
-        """Wait until the router knows every worker: it learns them from a repository poll (every second),
-        so for a moment after loading, requests would be routed as if a worker were missing."""
-        unseen = list(self.worker_names)
+    def wait_for_router(self, worker_names: list[str], deadline: float, timeout_s: float) -> None:
+        """Wait until this (entry) server's router knows every worker of `worker_names`: it learns them
+        from repository polls (every second), so for a moment after loading, requests would be routed
+        as if a worker were missing. Raises ServerError at `deadline` (time.monotonic)."""
+        unseen = list(worker_names)
         while unseen:
             try:
                 router_action(self.http_url, "inflight", unseen[0])
@@ -445,9 +506,12 @@ class TritonServer(ChildProcess):
 
     @property
     def worker_names(self) -> list[str]:
-        return [f"prefill_{k}" for k in range(self.config.prefill_workers)] + [
-            f"decode_{j}" for j in range(self.config.decode_workers)
-        ]
+        return self.config.worker_names
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model this server loads at start: the entry models (entry server only) and its workers."""
+        return [*(MODELS if self.config.is_entry else ()), *self.worker_names]
 
     def _wait_for(self, urls: list[str], deadline: float, timeout_s: float) -> None:
         while True:
