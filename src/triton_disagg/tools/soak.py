@@ -94,6 +94,9 @@ class SoakReport:
     killed: str | None = None
     #: Stubs that ended during the run and were not killed by it ("llm", ...): a crash.
     crashed_stubs: list[str] = field(default_factory=list)
+    #: "Fatal Python error" reports in the server log during the run (a stub that crashed, at work or
+    #: on its way out after an unload; SIGKILL leaves none).
+    stub_faults: int = 0
     #: Models the supervisor loaded again during the run (the killed worker before its scheduled reload included).
     supervisor_reloads: list[str] = field(default_factory=list)
     #: One line per lost request: what went wrong.
@@ -110,6 +113,11 @@ class SoakTarget:
     def metric(self, name: str) -> dict[str, float]:
         text = requests.get(self.metrics_url, headers=CLOSE, timeout=10).text
         return {m: float(v) for m, v in re.findall(rf'^{name}\{{[^}}]*model="([^"]+)"[^}}]*\}} (\S+)$', text, re.MULTILINE)}
+
+    def stub_faults(self) -> int:
+        """How many "Fatal Python error" reports the server log holds (every stub enables faulthandler)."""
+        log = self.run_dir / "tritonserver.log"
+        return log.read_text(errors="replace").count("Fatal Python error") if log.is_file() else 0
 
     def rss_mib(self) -> float:
         """Resident memory of the server and its stubs (its process group), MiB."""
@@ -210,6 +218,7 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
     report = SoakReport(streams=settings.streams, duration_s=settings.duration_s)
     migrations_before = sum(target.metric("triton_disagg_llm_migrations_total").values())
     report.rss_start_mib = target.rss_mib()
+    faults_before = target.stub_faults()
     stubs_at_start = stubs(target.run_dir)
     stop, lock = threading.Event(), threading.Lock()
     threads = [
@@ -258,6 +267,7 @@ def run_soak(target: SoakTarget, settings: SoakSettings) -> SoakReport:
     report.crashed_stubs = sorted(
         model for pid, model in stubs_at_start.items() if pid not in stubs(target.run_dir) and model != settings.worker
     )
+    report.stub_faults = target.stub_faults() - faults_before
     report.leaked_blocks = _settle(target, settings.settle_timeout_s)
     report.migrated = int(sum(target.metric("triton_disagg_llm_migrations_total").values()) - migrations_before)
     report.rss_end_mib = target.rss_mib()
@@ -290,6 +300,7 @@ def print_table(report: SoakReport) -> None:
         ("HTTP 5xx", report.server_errors),
         ("worker taken away and reloaded", report.killed or "-"),
         ("stubs crashed", ", ".join(report.crashed_stubs) or "none"),
+        ("fatal errors in stub logs", report.stub_faults),
         ("models the supervisor loaded again", ", ".join(report.supervisor_reloads) or "none"),
         *((f"blocks leaked, {worker}", blocks) for worker, blocks in sorted(report.leaked_blocks.items())),
         ("server RSS start / end (MiB)", f"{report.rss_start_mib:.0f} / {report.rss_end_mib:.0f}"),
@@ -350,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"settings": asdict(settings), "report": asdict(report)}, indent=2))
     print(f"wrote {output}")
-    is_clean = not (report.lost or report.server_errors or report.crashed_stubs or any(report.leaked_blocks.values()))
+    is_clean = not (
+        report.lost or report.server_errors or report.crashed_stubs or report.stub_faults or any(report.leaked_blocks.values())
+    )
     return 0 if is_clean else 1
 
 
