@@ -17,6 +17,7 @@ runs only part 1 (no Triton needed), e.g. on a GPU machine.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import statistics
@@ -60,7 +61,14 @@ def _serve_pool(shape, dtype, num_blocks: int, device: str, ready: mp.Queue, sto
         connector.released_holds()
 
 
-def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: int) -> list[dict]:
+def bench_transfer(
+    device: torch.device, num_blocks_list: list[int], repeats: int, layouts: dict | None = None
+) -> list[dict]:
+    """NIXL READ GB/s between two processes against in-process copies of the same runs (medians).
+
+    `copy_gbps` is torch's copy (threaded on CPU), `memcpy_gbps` libc memcpy on one thread
+    (the device copy on a GPU). `layouts` defaults to LAYOUTS.
+    """
     from triton_disagg.kv_transfer.handle import TransferState
     from triton_disagg.kv_transfer.handle import KVHandle
     from triton_disagg.kv_transfer.layout import merge_runs
@@ -68,7 +76,7 @@ def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: in
 
     rows = []
     ctx = mp.get_context("spawn")
-    for layout_name, (shape, dtype) in LAYOUTS.items():
+    for layout_name, (shape, dtype) in (layouts or LAYOUTS).items():
         block_bytes = torch.empty(shape, dtype=dtype).numel() * torch.empty((), dtype=dtype).element_size()
         pool_blocks = 2 * max(num_blocks_list) + 1
         ready, stop = ctx.Queue(), ctx.Event()
@@ -93,7 +101,7 @@ def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: in
                         start = time.perf_counter()
                         transfer = connector.start_pull(handle, local_ids, remote_ids)
                         while (state := connector.poll(transfer)) == TransferState.PENDING:
-                            pass
+                            time.sleep(0.0002)  # as the engine loop polls; the copy runs on the connector's thread
                         nixl_s.append(time.perf_counter() - start)
                         connector.finish(transfer, handle)
                         if state != TransferState.DONE:
@@ -112,9 +120,22 @@ def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: in
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         copy_s.append(time.perf_counter() - start)
+                    memcpy_s = copy_s  # on a GPU the device copy is the memcpy
+                    if device.type == "cpu":  # libc memcpy, one thread, of the same runs
+                        memcpy_s = []
+                        for _ in range(repeats + 1):
+                            start = time.perf_counter()
+                            for local_start, remote_start, length in runs:
+                                ctypes.memmove(
+                                    local_bytes.data_ptr() + local_start * block_bytes,
+                                    source_bytes.data_ptr() + remote_start * block_bytes,
+                                    length * block_bytes,
+                                )
+                            memcpy_s.append(time.perf_counter() - start)
                     total_bytes = num_blocks * block_bytes
                     nixl_gbps = total_bytes / statistics.median(nixl_s[1:]) / 1e9
                     copy_gbps = total_bytes / statistics.median(copy_s[1:]) / 1e9
+                    memcpy_gbps = total_bytes / statistics.median(memcpy_s[1:]) / 1e9
                     rows.append(
                         {
                             "layout": layout_name,
@@ -122,12 +143,18 @@ def bench_transfer(device: torch.device, num_blocks_list: list[int], repeats: in
                             "num_blocks": num_blocks,
                             "pattern": pattern,
                             "mib": total_bytes / 2**20,
+                            "descriptors": len(runs),
                             "nixl_gbps": nixl_gbps,
                             "copy_gbps": copy_gbps,
+                            "memcpy_gbps": memcpy_gbps,
                             "nixl_over_copy": nixl_gbps / copy_gbps,
+                            "nixl_over_memcpy": nixl_gbps / memcpy_gbps,
                         }
                     )
-                    progress(f"{layout_name:28} {num_blocks:5} blocks {pattern:10} NIXL {nixl_gbps:6.2f} GB/s, copy {copy_gbps:6.2f} GB/s")
+                    progress(
+                        f"{layout_name:28} {num_blocks:5} blocks {pattern:10} NIXL {nixl_gbps:6.2f} GB/s, "
+                        f"memcpy {memcpy_gbps:6.2f} GB/s, torch copy {copy_gbps:6.2f} GB/s"
+                    )
         finally:
             stop.set()
             server.join(timeout=30)
