@@ -87,7 +87,13 @@ def decode_directly(client, prompt_ids: list[int], kv_handle: bytes, first_token
 
 
 def token_ids(results) -> list[int]:
-    return [int(t) for r in results if isinstance(r, grpcclient.InferResult) for t in (r.as_numpy("output_ids") or [])]
+    """Every token of a worker's stream (a response may carry several: its sender merges what queued)."""
+    return [
+        int(t)
+        for r in results
+        if isinstance(r, grpcclient.InferResult) and (ids := r.as_numpy("output_ids")) is not None
+        for t in ids
+    ]
 
 
 PROMPT_IDS = [256] + list(b"A prompt handed from prefill to decode by hand, with its KV handle.")

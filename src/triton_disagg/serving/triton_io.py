@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -74,3 +75,23 @@ def finalize_service(model) -> None:
     model._service.shutdown()
     del model._service
     gc.collect()
+
+
+class CancelCheck:
+    """Whether a decoupled request's client cancelled, asked of Triton at most every `interval_s`.
+
+    Each ask (`sender.is_cancelled()`) is a round trip to the server, as long as
+    a response's send: asked for every token, it would double a stream's cost.
+    """
+
+    def __init__(self, sender, interval_s: float = 0.05) -> None:
+        self._sender = sender
+        self._interval_s = interval_s
+        self._next_check_s = 0.0
+
+    def __call__(self) -> bool:
+        now_s = time.monotonic()
+        if now_s < self._next_check_s:
+            return False
+        self._next_check_s = now_s + self._interval_s
+        return self._sender.is_cancelled()

@@ -15,6 +15,7 @@ from triton_disagg.engine.async_engine import EngineThread
 from triton_disagg.engine.config import EngineConfig
 from triton_disagg.engine.llm_engine import LLMEngine
 from triton_disagg.engine.params import InvalidRequest, RequestOutput
+from triton_disagg.serving.coalescing_sender import CoalescingSender
 from triton_disagg.serving.kv_directory import DirectoryClient
 from triton_disagg.serving.model_calls import calls_to
 from triton_disagg.serving.live_workers import kv_event_endpoints
@@ -22,7 +23,7 @@ from triton_disagg.serving.metrics import WorkerMetrics
 from triton_disagg.serving.moe_metrics import MoeMetrics
 from triton_disagg.serving.settings import WorkerNetwork
 from triton_disagg.serving.tier_metrics import TierMetrics
-from triton_disagg.serving.triton_io import bytes_tensor, error_response, int32_tensor
+from triton_disagg.serving.triton_io import CancelCheck, bytes_tensor, error_response, int32_tensor
 from triton_disagg.serving.worker_servers import WorkerInfo
 from triton_disagg.router.config import PublisherConfig
 from triton_disagg.router.events import WorkerId
@@ -76,6 +77,13 @@ class EngineService:
         elif network.kv_events_dir:
             events_endpoint, dump_endpoint = kv_event_endpoints(network.kv_events_dir, model_name)
             self.publisher = KVEventPublisher(WorkerId(model_name), PublisherConfig(events_endpoint, dump_endpoint))
+        #: Sends every request's responses off the engine thread (see `ResponseStream`).
+        self.responses = CoalescingSender(
+            f"responses-{model_name}",
+            lambda stream, payload, is_final: stream.send(payload),
+            _merge_outputs,
+            lambda stream, error: stream.on_send_failed(error),
+        )
         self._engine_thread = EngineThread(self.engine, name=f"engine-{model_name}", after_step=self._after_step)
         self._engine_thread.start()
         self._is_registered = not use_nixl
@@ -152,29 +160,52 @@ class EngineService:
         """
         self._stop_registering.set()
         self._engine_thread.stop()
+        self.responses.close()
         self.engine.shutdown()
         if self.publisher is not None:
             self.publisher.close()
 
 
 class ResponseStream:
-    """Sends one request's engine outputs as responses. Its callbacks run on the engine thread.
+    """Sends one request's engine outputs as responses.
 
-    A client that cancels (or a parent BLS request that goes away) aborts
-    the request, which frees its blocks; the final ABORT response still goes out.
+    The engine thread only queues them (`on_output`, `on_error`): a decoupled
+    send is a synchronous round trip to the Triton server, and made on the
+    engine thread it would lengthen every step. The worker's sender thread
+    (`EngineService.responses`) sends them, merging a request's outputs that
+    queued while it was busy into one response of several tokens.
+
+    A client that cancels (or a parent request that goes away) aborts the
+    request, which frees its blocks; the final ABORT response still goes out.
     """
 
-    def __init__(self, service: EngineService, sender, request_id: str) -> None:
+    def __init__(self, service: "EngineService", sender, request_id: str) -> None:
         self._service = service
         self._sender = sender
         self._request_id = request_id
         self._is_aborting = False
+        self._is_cancelled = CancelCheck(sender)
 
     def on_output(self, output: RequestOutput) -> None:
-        if not output.finished and not self._is_aborting and self._sender.is_cancelled():
-            self._is_aborting = True
-            self._service.abort(self._request_id)
-        if self._is_aborting and not output.finished:
+        """On the engine thread: queue the output."""
+        if output.finished:
+            self._service.metrics.count_request(output.num_prompt_tokens, output.num_cached_tokens)
+        self._service.responses.push(self, output, output.finished)
+
+    def on_error(self, error: Exception) -> None:
+        """On the engine thread: queue the request's error response (its last)."""
+        self._service.responses.push(self, error, True)
+
+    def send(self, payload: RequestOutput | Exception) -> None:
+        """On the sender thread: send an output (or an error) as one response."""
+        if isinstance(payload, Exception):
+            self._sender.send(error_response(payload), flags=FINAL)
+            return
+        output = payload
+        if not output.finished and (self._is_aborting or self._is_cancelled()):
+            if not self._is_aborting:
+                self._is_aborting = True
+                self._service.abort(self._request_id)
             return
         tensors = [
             int32_tensor("output_ids", output.new_token_ids),
@@ -183,16 +214,24 @@ class ResponseStream:
         ]
         if output.finished:
             tensors.append(bytes_tensor("finish_reason", output.finish_reason.value))
-            self._service.metrics.count_request(output.num_prompt_tokens, output.num_cached_tokens)
         tensors.extend(self.extra_tensors(output))
-        # A failed send raises into EngineThread, which aborts the request.
         self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.finished else 0)
+
+    def on_send_failed(self, error: Exception) -> None:
+        """On the sender thread: a send failed (the client is gone). Abort the request; the sender
+        drops its later outputs."""
+        logger.warning("could not send a response of %s (%s); aborting it", self._request_id, error)
+        self._service.abort(self._request_id)
 
     def extra_tensors(self, output: RequestOutput) -> list:
         return []
 
-    def on_error(self, error: Exception) -> None:
-        self._sender.send(error_response(error), flags=FINAL)
+
+def _merge_outputs(earlier: RequestOutput | Exception, later: RequestOutput | Exception) -> RequestOutput | Exception:
+    """One output for two a request queued in a row: their tokens, the later one's state (an error wins)."""
+    if isinstance(later, Exception):
+        return later
+    return dataclasses.replace(later, new_token_ids=earlier.new_token_ids + later.new_token_ids)
 
 
 def _reachable(endpoint: str, advertised_host: str) -> str:
