@@ -108,6 +108,41 @@ def test_a_watched_stream_yields_converted_responses_in_order():
     assert list(stream) == [10, 20, 30]
 
 
+class _GatedStream:
+    """A stream whose responses are all queued before the reader takes the first: the reader is behind."""
+
+    def __init__(self, responses: list) -> None:
+        self.responses = responses
+        self.all_queued = threading.Event()
+
+    def __iter__(self):
+        yield from self.responses
+        self.all_queued.set()
+
+
+def _merge_until_negative(earlier: list[int], later: list[int]) -> list[int] | None:
+    return None if later[0] < 0 else earlier + later
+
+
+def test_a_reader_that_fell_behind_takes_what_queued_as_one_item_up_to_one_that_does_not_merge():
+    gated = _GatedStream([[1], [2], [3], [-1], [4]])
+
+    def start():
+        return gated
+
+    stream = watched_stream("decode_0", start, list, lambda: None, 5.0, merge=_merge_until_negative)
+    first = next(stream)  # taken as soon as it came: alone, or with what queued behind it
+    assert gated.all_queued.wait(5)
+    rest = list(stream)  # all queued now: what is left of [1, 2, 3] as one item, then [-1, 4]
+    assert first + sum(rest, []) == [1, 2, 3, -1, 4]
+    assert rest[-1] == [-1, 4] and len(rest) == (1 if first == [1, 2, 3] else 2)
+
+
+def test_without_merge_every_response_is_its_own_item():
+    stream = watched_stream("decode_0", lambda: iter([[1], [2]]), list, lambda: None, 5.0)
+    assert list(stream) == [[1], [2]]
+
+
 class _SilentStream:
     """A dead stub's stream: one response, then neither a response nor an end until cancelled."""
 

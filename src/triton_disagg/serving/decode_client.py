@@ -50,6 +50,13 @@ class WorkerUpdate:
             finish_reason=None if finish_reason is None else finish_reason.reshape(-1)[0].decode(),
         )
 
+    def merged(self, later: "WorkerUpdate") -> "WorkerUpdate | None":
+        """This update and the next as one (their tokens, the later's finish), or None when either is an
+        error or this one already finished."""
+        if self.error_message is not None or later.error_message is not None or self.finish_reason is not None:
+            return None
+        return WorkerUpdate(self.new_token_ids + later.new_token_ids, later.finish_reason)
+
 
 class WorkerStreamError(RuntimeError):
     """The worker answered a request with an error; carries the worker's TritonError."""
@@ -83,7 +90,8 @@ class DecodeClient:
     def updates(
         self, choice: Route, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Iterator["WorkerUpdate"]:
-        """The decode worker's responses to a new request, in order, as plain data.
+        """The decode worker's responses to a new request, in order, as plain data; responses that
+        queued while the caller was busy come as one update.
 
         Raises WorkerLost when the worker is dead or gone (an error that says so, or a silence and a
         failed probe: see `serving.watched_stream`), WorkerStreamError for its own verdict on the request.
@@ -95,6 +103,7 @@ class DecodeClient:
             WorkerUpdate.of,
             lambda: self.probe(worker, choice.decode_url),
             WORKER_PROBE_AFTER_S,
+            merge=WorkerUpdate.merged,
         )
         try:
             for update in updates:

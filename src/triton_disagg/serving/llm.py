@@ -38,6 +38,7 @@ from triton_disagg.serving.router_service import Route, RouterClient
 from triton_disagg.serving.settings import LLMSettings
 from triton_disagg.serving.stop_strings import StopStringMatcher
 from triton_disagg.serving.triton_io import (
+    CancelCheck,
     bytes_tensor,
     error_response,
     int32_tensor,
@@ -152,6 +153,7 @@ class _Relay:
         self._is_prefill_done = False
         self._accepted_at_s = time.monotonic()
         self._last_token_at_s: float | None = None
+        self._client_cancelled = CancelCheck(sender)
 
     def run(self) -> None:
         router = self._service.router
@@ -206,7 +208,7 @@ class _Relay:
         for update in updates:
             if self._is_done:
                 continue  # stopped early: drain until the worker acknowledges the abort
-            if self._sender.is_cancelled():
+            if self._client_cancelled():
                 self._finish_early(None)
                 continue
             self._on_worker_update(update)
@@ -236,7 +238,6 @@ class _Relay:
             raise WorkerLost(self._choice.decode_worker, "aborted", "it ended the request unasked (unloaded?)")
         new_token_ids = update.new_token_ids
         if new_token_ids:
-            self._prefill_done()
             self._time_tokens(len(new_token_ids))
             self._generated_token_ids.extend(new_token_ids)
         self._num_output_tokens += len(new_token_ids)
@@ -252,6 +253,8 @@ class _Relay:
             self._send("stop" if self._stop.is_stopped else finish_reason)
         elif self._request.stream and self._unsent_text:
             self._send(None)
+        if new_token_ids:
+            self._prefill_done()  # after the client has its first token: the router's bookkeeping waits
 
     def _finish_early(self, finish_reason: str | None) -> None:
         """End the client's request before the worker is done (stop word, or client gone: None)."""
@@ -289,7 +292,7 @@ class _Relay:
         now_s = time.monotonic()
         if self._last_token_at_s is None:
             # Tokens that came with the first one have no gap to measure: ITL leaves them out
-            # rather than count them as 0 s (workers send one token per response, so there are none).
+            # rather than count them as 0 s (workers send one token per response unless they fell behind, so there are few).
             self._service.metrics.first_token(now_s - self._accepted_at_s)
         else:
             self._service.metrics.next_tokens(now_s - self._last_token_at_s, num_new_tokens)
