@@ -1,9 +1,12 @@
-"""The gRPC side of `serving.model_calls`: request encoding, error codes, and how a stream ends."""
+"""The gRPC side of `serving.model_calls`: request encoding, error codes, how a stream ends, notifications."""
 
 from __future__ import annotations
 
+import logging
+import queue
 import struct
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -51,6 +54,8 @@ class _StreamingServer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, num_responses: int) -> None:
         self.num_responses = num_responses
         self.half_closed = threading.Event()
+        self.notified: queue.SimpleQueue = queue.SimpleQueue()
+        self.answer = threading.Event()
 
     def ModelStreamInfer(self, request_iterator, context):
         request = next(request_iterator)
@@ -62,6 +67,13 @@ class _StreamingServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for _ in request_iterator:  # Triton ends a stream once its client half-closes it
             pass
         self.half_closed.set()
+
+    def ModelInfer(self, request, context):
+        self.notified.put(request.model_name)
+        self.answer.wait(5)  # a slow model: a notification does not wait for it
+        if request.model_name == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'missing' is not found")
+        return service_pb2.ModelInferResponse(model_name=request.model_name)
 
 
 @pytest.fixture
@@ -104,3 +116,18 @@ def test_a_stream_abandoned_mid_request_is_cancelled(streaming_server):
     responses.close()  # the consumer gives up (a worker found dead): nothing is left to wait for
     assert stream._call.code() == grpc.StatusCode.CANCELLED
     assert not servicer.half_closed.is_set()
+
+
+def test_a_notification_returns_before_its_answer_and_a_failed_one_is_logged(streaming_server, caplog):
+    servicer, calls = streaming_server
+    calls.notify("router", {"action": np.array([b"complete"], dtype=np.object_)})
+    assert servicer.notified.get(timeout=5) == "router"  # sent, and not answered yet
+    with caplog.at_level(logging.WARNING, logger="triton_disagg.serving.model_calls"):
+        calls.notify("missing", {"action": np.array([b"complete"], dtype=np.object_)})
+        assert servicer.notified.get(timeout=5) == "missing"
+        servicer.answer.set()
+        deadline_s = time.monotonic() + 5
+        while "unknown model: 'missing'" not in caplog.text:
+            assert time.monotonic() < deadline_s, caplog.text
+            time.sleep(0.05)
+    assert "router" not in caplog.text

@@ -36,6 +36,7 @@ and ends a gRPC stream at once (a BLS stream has nothing to cancel).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +48,8 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
+
+logger = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -103,6 +106,9 @@ class ModelCalls(Protocol):
     def call(self, model: str, inputs: Arrays, output_names: Sequence[str]) -> ModelResponse:
         """Send one request to a model that answers once; its answer (an error answer included)."""
 
+    def notify(self, model: str, inputs: Arrays) -> None:
+        """Send one request whose answer nobody waits for (bookkeeping); a failure is logged."""
+
 
 class BlsCalls:
     """The models of this server, through BLS. Usable from any thread."""
@@ -117,6 +123,9 @@ class BlsCalls:
 
     def call(self, model: str, inputs: Arrays, output_names: Sequence[str]) -> ModelResponse:
         return self._response(self._request(model, inputs, output_names, "").exec())
+
+    def notify(self, model: str, inputs: Arrays) -> None:
+        _log_if_failed(model, self.call(model, inputs, []))  # BLS's async form needs an event loop: waits
 
     def _request(self, model: str, inputs: Arrays, output_names: Sequence[str], request_id: str):
         tensors = [self._pb.Tensor(name, array) for name, array in inputs.items()]
@@ -171,6 +180,10 @@ class GrpcCalls:
             code = _GRPC_STATUS_TO_TRITON.get(error.code(), "INTERNAL")
             return ModelResponse(error_message=error.details() or str(error.code()), error_code=code)
         return _outputs_of(response, output_names)
+
+    def notify(self, model: str, inputs: Arrays) -> None:
+        future = self._stub.ModelInfer.future(infer_request(model, inputs, []), timeout=CALL_TIMEOUT_S)
+        future.add_done_callback(lambda done: _log_if_failed(model, done))
 
     def close(self) -> None:
         self._channel.close()
@@ -315,3 +328,14 @@ def calls_to(url: str) -> ModelCalls:
         if calls is None:
             calls = _grpc_calls[url] = GrpcCalls(url)
         return calls
+
+
+def _log_if_failed(model: str, answer: "ModelResponse | grpc.Future") -> None:
+    """Log a notification's failure: an error answer, or a gRPC call that failed."""
+    if isinstance(answer, ModelResponse):
+        error = answer.error_message
+    else:
+        exception = answer.exception()
+        error = None if exception is None else (exception.details() if isinstance(exception, grpc.RpcError) else str(exception))
+    if error is not None:
+        logger.warning("a notification to %s failed: %s", model, error)

@@ -398,10 +398,13 @@ class RouterClient:
         )
 
     def first_token(self, request_id: str) -> None:
-        self._call({"action": text_array("first_token"), "request_id": text_array(request_id)}, [])
+        """Tell the router the request has its first token; does not wait (over gRPC) for its answer."""
+        self._calls.notify(ROUTER_MODEL, {"action": text_array("first_token"), "request_id": text_array(request_id)})
 
     def complete(self, request_id: str) -> None:
-        self._call({"action": text_array("complete"), "request_id": text_array(request_id)}, [])
+        """Tell the router the request ended; does not wait (over gRPC). Either may come first: the
+        router ignores a first token after the end."""
+        self._calls.notify(ROUTER_MODEL, {"action": text_array("complete"), "request_id": text_array(request_id)})
 
     def worker_failed(self, worker_name: str) -> None:
         self._call({"action": text_array("worker_failed"), "worker_name": text_array(worker_name)}, [])

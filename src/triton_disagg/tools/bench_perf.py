@@ -55,6 +55,7 @@ def add_perf_flags(flag) -> None:
     flag("--repeats", type=int, default=5, help="repeats of each engine-side and latency measurement")
     flag("--relay-rounds", type=int, default=3, help="rounds of the relay comparison")
     flag("--relay-step-ms", type=float, default=1.0, help="the null worker's step period for the relay figure")
+    flag("--relay-tokens", type=int, default=1000, help="tokens of each relayed stream (long enough for the steady rate)")
     flag("--quick", type=boolean, nargs="?", const=True, default=False, help="smaller sizes for a smoke run (figures not comparable to the targets)")
 
 
@@ -91,13 +92,14 @@ def run(args) -> int:
     transfer_device = torch.device("cuda" if device.startswith("cuda") else "cpu")
     detail["nixl"] = bench_transfer(transfer_device, [32] if quick else [128, 512], 2 if quick else 3, {"llama-3-8b": LLAMA_8B_BLOCK})
     detail["served"] = perf_serving.bench_served_overhead(model_path, 128, 16 if quick else 64, 2 if quick else args.repeats, progress)
-    streams, tokens = (8, 50) if quick else (32, 200)
-    detail["relay"] = perf_serving.bench_relay(
-        model_path, streams, tokens, 1 if quick else args.relay_rounds, 2, args.relay_step_ms, progress
+    # The ceiling is the steady rate (long streams); short streams add each request's start to it.
+    streams, tokens, short_tokens = (8, 50, 50) if quick else (32, args.relay_tokens, 200)
+    rounds = 1 if quick else args.relay_rounds
+    detail["relay"] = perf_serving.bench_relay(model_path, streams, tokens, rounds, 2, args.relay_step_ms, progress)
+    detail["relay_short_requests"] = perf_serving.bench_relay(
+        model_path, streams, short_tokens, rounds, 2, args.relay_step_ms, progress
     )
-    detail["relay_one_response_per_token"] = perf_serving.bench_relay(
-        model_path, streams, tokens, 1 if quick else args.relay_rounds, 2, None, progress
-    )
+    detail["relay_one_response_per_token"] = perf_serving.bench_relay(model_path, streams, short_tokens, rounds, 2, None, progress)
     detail["load_average_after"] = os.getloadavg()
     detail["elapsed_s"] = time.monotonic() - started
     results = {
@@ -143,11 +145,11 @@ def print_table(results: dict) -> None:
         f"served: TTFT {served['engine_ttft_ms']:.1f} / {served['triton_ttft_ms']:.1f} ms, "
         f"ITL {served['engine_itl_ms']:.2f} / {served['triton_itl_ms']:.2f} ms (engine alone / through Triton)"
     )
-    for name in ("relay", "relay_one_response_per_token"):
+    for name in ("relay", "relay_short_requests", "relay_one_response_per_token"):
         relay = detail[name]
         mode = "per token" if relay["worker_step_ms"] is None else f"{relay['worker_step_ms']} ms steps"
         print(
-            f"relay ({mode}): direct {relay['direct_tokens_per_s']:.0f} tok/s, through llm "
+            f"relay ({mode}, {relay['max_tokens']} tokens a stream): direct {relay['direct_tokens_per_s']:.0f} tok/s, through llm "
             f"{relay['relayed_tokens_per_s']:.0f} tok/s, ratio {relay['relay_ratio']:.2f}"
         )
     cached = detail["cached_prefix"]
@@ -183,13 +185,14 @@ def plot(results: dict, path: Path) -> None:
     names = list(step["step_ms"])
     axes[1].bar([n + "\n(step)" for n in names], [step["step_ms"][n] for n in names], color="tab:blue")
     axes[1].set(ylabel="ms", title=f"Decode step, {step['num_seqs']} seqs x {step['context_tokens']} tokens")
-    relay, relay_pt = detail["relay"], detail["relay_one_response_per_token"]
-    labels = ["direct", "through llm"]
-    axes[2].bar([x - 0.2 for x in range(2)], [relay["direct_tokens_per_s"], relay["relayed_tokens_per_s"]], 0.4,
-                label=f"worker steps of {relay['worker_step_ms']} ms")  # fmt: skip
-    axes[2].bar([x + 0.2 for x in range(2)], [relay_pt["direct_tokens_per_s"], relay_pt["relayed_tokens_per_s"]], 0.4,
-                label="one response per token")  # fmt: skip
-    axes[2].set(xticks=range(2), xticklabels=labels, ylabel="tokens/s", title=f"Relay, {relay['streams']} streams")
+    relay = detail["relay"]
+    runs = [(name, detail[name]) for name in ("relay", "relay_short_requests", "relay_one_response_per_token")]
+    width = 0.8 / len(runs)
+    for i, (name, run_detail) in enumerate(runs):
+        mode = "one response per token" if run_detail["worker_step_ms"] is None else f"steps of {run_detail['worker_step_ms']} ms"
+        axes[2].bar([x + (i - 1) * width for x in range(2)], [run_detail["direct_tokens_per_s"], run_detail["relayed_tokens_per_s"]],
+                    width, label=f"{mode}, {run_detail['max_tokens']}-token streams")  # fmt: skip
+    axes[2].set(xticks=range(2), xticklabels=["direct", "through llm"], ylabel="tokens/s", title=f"Relay, {relay['streams']} streams")
     axes[2].legend()
     for ax in axes[1:]:
         ax.grid(alpha=0.3, axis="y")

@@ -9,6 +9,8 @@
   (`null_worker.py`: tokens as fast as it can send them, one per response);
   `streams` concurrent requests streamed from that worker directly, against
   the same through `llm`; aggregate tokens/s of each, alternating rounds.
+  Long streams measure the rate the relay sustains; short ones add each
+  request's start (tokenizing, routing, opening the worker's stream).
 """
 
 from __future__ import annotations
