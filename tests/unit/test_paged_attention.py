@@ -161,6 +161,16 @@ def test_auto_picks_an_in_place_backend_on_cpu():
     assert select_attention_backend("auto", torch.device("cpu"), torch.bfloat16, 4, 2, 32, 16).name == "dense"
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_the_kernel_runs_on_torchs_openmp_threads():
+    # Threads of its own competed with torch's spinning OpenMP threads for the cores (1.6x slower in a
+    # model step). Built with OpenMP, it must use the one libgomp the process has: torch's.
+    kernel = load_paged_attention()
+    assert kernel is not None and kernel.is_openmp
+    libraries = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(libraries) == 1 and "torch" in next(iter(libraries)), libraries
+
+
 @pytest.mark.parametrize(
     "name, dtype, message",
     [

@@ -8,6 +8,8 @@ flags, the compiler and the CPU, so a changed source or another machine gets
 its own build. A build takes well under a second; processes that build at the
 same time each write a temporary file and rename it into place.
 
+It is built with OpenMP (`-fopenmp`) where the compiler has it, so it runs on
+torch's OpenMP threads (see the source), else with POSIX threads of its own.
 No compiler, or a failed build: `load_paged_attention()` returns None and the
 engine falls back to attention over gathered KV (see `attention_backends`).
 """
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE_NAME = "paged_attention.c"
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+#: Tried first: the kernel then shares torch's OpenMP threads.
+OPENMP_CFLAGS = ("-fopenmp",)
 
 
 class PagedAttentionKernel:
@@ -46,6 +50,8 @@ class PagedAttentionKernel:
         self._decode.restype = i32
         #: Whether this build uses AVX2+FMA (else plain C).
         self.is_simd = bool(library.paged_attention_simd())
+        #: Whether it runs on the caller's OpenMP threads (else POSIX threads of its own).
+        self.is_openmp = bool(library.paged_attention_openmp())
 
     def decode(
         self,
@@ -91,14 +97,15 @@ def load_paged_attention(extra_cflags: tuple[str, ...] = ()) -> PagedAttentionKe
         logger.warning("no C compiler (%s) found: CPU decode attention falls back to gathered KV", compiler)
         return None
     source = resources.files("triton_disagg.engine").joinpath("csrc", SOURCE_NAME).read_bytes()
-    flags = (*CFLAGS, *extra_cflags)
-    try:
-        library_path = _build(compiler, source, flags)
-        return PagedAttentionKernel(ctypes.CDLL(str(library_path)), library_path)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = exc.stderr.decode(errors="replace")[-2000:] if isinstance(exc, subprocess.CalledProcessError) else exc
-        logger.warning("building the CPU paged-attention kernel failed (%s): falling back to gathered KV", detail)
-        return None
+    for flags in ((*CFLAGS, *OPENMP_CFLAGS, *extra_cflags), (*CFLAGS, *extra_cflags)):
+        try:
+            library_path = _build(compiler, source, flags)
+            return PagedAttentionKernel(ctypes.CDLL(str(library_path)), library_path)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = exc.stderr.decode(errors="replace")[-2000:] if isinstance(exc, subprocess.CalledProcessError) else exc
+            logger.warning("building the CPU paged-attention kernel with %s failed (%s)", " ".join(flags), detail)
+    logger.warning("no CPU paged-attention kernel: decode attention falls back to gathered KV")
+    return None
 
 
 def _build(compiler: str, source: bytes, flags: tuple[str, ...]) -> Path:

@@ -14,9 +14,18 @@
  *
  * Built at first use by triton_disagg.engine.cpu_kernel with the host
  * compiler (-O3 -march=native); AVX2+FMA when the CPU has them, plain C otherwise.
+ * With OpenMP (-fopenmp) the threads are the caller's OpenMP team: in a process
+ * that imported torch, torch's own (one libgomp.so.1 per process), whose threads
+ * are awake from the model's other operations. Threads of our own would compete
+ * for the cores with those, which spin for a while after each operation; that
+ * made the kernel about 1.6x slower inside a model step than alone. Without
+ * OpenMP it starts POSIX threads.
  */
 #include <math.h>
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +210,15 @@ static void *thread_main(void *arg) {
 /* Which SIMD path this build took: 1 for AVX2+FMA, 0 for plain C. */
 int paged_attention_simd(void) { return HAVE_AVX2; }
 
+/* Whether this build runs on the caller's OpenMP team (1) or threads of its own (0). */
+int paged_attention_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 /*
  * out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the first seq_lens[b] tokens
  * of sequence b, whose j-th block is tables[b * table_stride + j].
@@ -234,15 +252,25 @@ int paged_decode_f32(const float *q, const float *k, const float *v, int64_t blo
     while (seq < num_seqs && (i == num_threads - 1 || seen < share_end)) seen += seq_lens[seq++];
     jobs[i].seq_end = seq;
   }
+  int status = 0;
+#ifdef _OPENMP
+  (void)threads;
+  /* A team smaller than asked runs the remaining jobs on its threads in turn. */
+#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
+  for (int i = 0; i < num_threads; i++) run_job(&jobs[i]);
+  for (int i = 0; i < num_threads; i++)
+    if (jobs[i].status) status = jobs[i].status;
+#else
   int started = 1;
   for (int i = 1; i < num_threads; i++, started++)
     if (pthread_create(&threads[i], NULL, thread_main, &jobs[i]) != 0) break;
   for (int i = started; i < num_threads; i++) run_job(&jobs[i]); /* a thread we could not start: run here */
   run_job(&jobs[0]);
-  int status = jobs[0].status;
+  status = jobs[0].status;
   for (int i = 1; i < started; i++) {
     pthread_join(threads[i], NULL);
     if (jobs[i].status) status = jobs[i].status;
   }
+#endif
   return status;
 }
