@@ -291,9 +291,9 @@ class _Relay:
     def _time_tokens(self, num_new_tokens: int) -> None:
         now_s = time.monotonic()
         if self._last_token_at_s is None:
-            # Tokens that came with the first one have no gap to measure: ITL leaves them out
-            # rather than count them as 0 s (workers send one token per response unless they fell behind, so there are few).
             self._service.metrics.first_token(now_s - self._accepted_at_s)
+            if num_new_tokens > 1:  # came with the first (the worker's sender fell behind): no gap of their own
+                self._service.metrics.next_tokens(0.0, num_new_tokens - 1)
         else:
             self._service.metrics.next_tokens(now_s - self._last_token_at_s, num_new_tokens)
         self._last_token_at_s = now_s

@@ -4,10 +4,10 @@ Latency is measured where the client's stream starts. TTFT runs from the
 moment `llm` accepted a request to its first token. ITL covers the responses
 after the first token: each adds its gap since the previous tokens to the sum
 and its number of tokens to the count, so each of its tokens counts that gap
-divided among them and sum / count is the mean time per token. Tokens that
-come in the same response as the first token have no gap to measure and are
-not counted; workers send one token per response unless their sender
-fell behind, so the count is nearly each request's tokens after the first. Both are exported as a pair of counters,
+divided among them. Tokens that come in the same response as the first one
+count with no gap. So the count is each request's tokens after the first, the
+sum the time from its first token to its last, and sum / count the mean time
+per output token (TPOT) as vLLM and Dynamo define it. Both are exported as a pair of counters,
 `_sum` and `_count`, so a scraper takes the mean over any interval from two
 scrapes; Triton 2.51 crashed (SIGSEGV) with histograms observed from these
 threads.
