@@ -125,7 +125,7 @@ class BlsCalls:
         return self._response(self._request(model, inputs, output_names, "").exec())
 
     def notify(self, model: str, inputs: Arrays) -> None:
-        _log_if_failed(model, self.call(model, inputs, []))  # BLS's async form needs an event loop: waits
+        _log_failed_notification(model, self.call(model, inputs, []).error_message)  # BLS's async form needs an event loop: waits
 
     def _request(self, model: str, inputs: Arrays, output_names: Sequence[str], request_id: str):
         tensors = [self._pb.Tensor(name, array) for name, array in inputs.items()]
@@ -183,7 +183,7 @@ class GrpcCalls:
 
     def notify(self, model: str, inputs: Arrays) -> None:
         future = self._stub.ModelInfer.future(infer_request(model, inputs, []), timeout=CALL_TIMEOUT_S)
-        future.add_done_callback(lambda done: _log_if_failed(model, done))
+        future.add_done_callback(lambda done: _log_failed_notification(model, _error_of(done)))
 
     def close(self) -> None:
         self._channel.close()
@@ -330,12 +330,14 @@ def calls_to(url: str) -> ModelCalls:
         return calls
 
 
-def _log_if_failed(model: str, answer: "ModelResponse | grpc.Future") -> None:
-    """Log a notification's failure: an error answer, or a gRPC call that failed."""
-    if isinstance(answer, ModelResponse):
-        error = answer.error_message
-    else:
-        exception = answer.exception()
-        error = None if exception is None else (exception.details() if isinstance(exception, grpc.RpcError) else str(exception))
+def _error_of(call: "grpc.Future") -> str | None:
+    """What a finished gRPC call failed with, or None."""
+    exception = call.exception()
+    if exception is None:
+        return None
+    return exception.details() if isinstance(exception, grpc.RpcError) else str(exception)
+
+
+def _log_failed_notification(model: str, error: str | None) -> None:
     if error is not None:
         logger.warning("a notification to %s failed: %s", model, error)

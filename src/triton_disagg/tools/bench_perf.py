@@ -41,6 +41,16 @@ TARGETS = {  # key: (target, "max" if the figure must stay at or under it, else 
 LLAMA_8B_BLOCK = ((32, 2, 16, 8, 128), torch.bfloat16)
 
 
+#: The relay measurements in `detail`, the headline one first.
+RELAY_RUNS = ("relay", "relay_short_requests", "relay_one_response_per_token")
+
+
+def _relay_mode(relay: dict) -> str:
+    """How the null worker sent, and how long the streams were, of one relay measurement."""
+    sending = "one response per token" if relay["worker_step_ms"] is None else f"steps of {relay['worker_step_ms']} ms"
+    return f"{sending}, {relay['max_tokens']}-token streams"
+
+
 def progress(message: str) -> None:
     print(f"[bench perf] {message}", file=sys.stderr, flush=True)
 
@@ -145,11 +155,10 @@ def print_table(results: dict) -> None:
         f"served: TTFT {served['engine_ttft_ms']:.1f} / {served['triton_ttft_ms']:.1f} ms, "
         f"ITL {served['engine_itl_ms']:.2f} / {served['triton_itl_ms']:.2f} ms (engine alone / through Triton)"
     )
-    for name in ("relay", "relay_short_requests", "relay_one_response_per_token"):
+    for name in RELAY_RUNS:
         relay = detail[name]
-        mode = "per token" if relay["worker_step_ms"] is None else f"{relay['worker_step_ms']} ms steps"
         print(
-            f"relay ({mode}, {relay['max_tokens']} tokens a stream): direct {relay['direct_tokens_per_s']:.0f} tok/s, through llm "
+            f"relay ({_relay_mode(relay)}): direct {relay['direct_tokens_per_s']:.0f} tok/s, through llm "
             f"{relay['relayed_tokens_per_s']:.0f} tok/s, ratio {relay['relay_ratio']:.2f}"
         )
     cached = detail["cached_prefix"]
@@ -186,12 +195,10 @@ def plot(results: dict, path: Path) -> None:
     axes[1].bar([n + "\n(step)" for n in names], [step["step_ms"][n] for n in names], color="tab:blue")
     axes[1].set(ylabel="ms", title=f"Decode step, {step['num_seqs']} seqs x {step['context_tokens']} tokens")
     relay = detail["relay"]
-    runs = [(name, detail[name]) for name in ("relay", "relay_short_requests", "relay_one_response_per_token")]
-    width = 0.8 / len(runs)
-    for i, (name, run_detail) in enumerate(runs):
-        mode = "one response per token" if run_detail["worker_step_ms"] is None else f"steps of {run_detail['worker_step_ms']} ms"
+    width = 0.8 / len(RELAY_RUNS)
+    for i, run_detail in enumerate(detail[name] for name in RELAY_RUNS):
         axes[2].bar([x + (i - 1) * width for x in range(2)], [run_detail["direct_tokens_per_s"], run_detail["relayed_tokens_per_s"]],
-                    width, label=f"{mode}, {run_detail['max_tokens']}-token streams")  # fmt: skip
+                    width, label=_relay_mode(run_detail))  # fmt: skip
     axes[2].set(xticks=range(2), xticklabels=["direct", "through llm"], ylabel="tokens/s", title=f"Relay, {relay['streams']} streams")
     axes[2].legend()
     for ax in axes[1:]:
