@@ -116,7 +116,8 @@ def test_a_drain_that_times_out_is_called_off_and_the_worker_serves_again(one_de
     connector._call_router("drain", "decode_0")
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(one_decoder.generate, text_input="keeps it busy", max_tokens=200, ignore_eos=True)
+            # Long enough to outlast the 0.3 s drain on any machine (200 tokens once took under 0.3 s).
+            job = pool.submit(one_decoder.generate, text_input="keeps it busy", max_tokens=1500, ignore_eos=True)
             wait_until(lambda: connector._call_router("inflight", "decode_1") == 1)
             with pytest.raises(TimeoutError, match="decode_1 was not idle after 0.3 s of draining: the router counts 1 requests"):
                 connector.remove_worker("decode")
